@@ -1,0 +1,29 @@
+# Set-up and everyday commands. `make quickstart` and `make test` install on first use.
+PYTHON ?= python3
+PLAIT := $(PYTHON) -m plait.trainer
+STAMP := .install-stamp
+# A CPU build of torch lies on local disk here; a bare `torch` requirement would pull a multi-GB CUDA build.
+CPU_TORCH := torch==2.13.0
+
+.PHONY: install quickstart test clean
+
+$(STAMP): setup.py
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "GPU found: torch comes from setup.py's requirement"; \
+	else \
+		$(PYTHON) -m pip install "$(CPU_TORCH)"; \
+	fi
+	$(PYTHON) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(PLAIT) demo-data --out .plait/demo-data --samples 600
+	$(PLAIT) shards index .plait/demo-data
+
+test: $(STAMP)
+	$(PYTHON) -m pytest
+
+clean:
+	rm -rf $(STAMP) .plait runs .pytest_cache

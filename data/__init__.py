@@ -1,0 +1,1 @@
+"""Data plane: shards, manifests, sample plan, decoders, NaViT packing, loader."""

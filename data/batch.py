@@ -1,0 +1,61 @@
+"""The packed batch contract between the data plane and the model (see DESIGN.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+MODALITIES = ("image", "audio", "video")
+"""Media modalities, in the order of their integer codes in `PackedBatch.modality`."""
+
+STREAM_OF_MODALITY = {"image": "vision", "video": "vision", "audio": "audio"}
+"""Encoder stream that carries each media modality."""
+
+
+@dataclass
+class PackedStream:
+    """One encoder stream (`vision` = images and video, `audio`) packed without inner padding."""
+
+    patches: torch.Tensor
+    """[T, C] flattened patch values; rows past the last segment are tail padding."""
+    coords: torch.Tensor
+    """[T, 3] int64 (t, h, w) grid position of each patch."""
+    seg: torch.Tensor
+    """[T] int64 index of the owning sample in the batch (`PackedBatch` order); -1 for padding."""
+    cu_seqlens: torch.Tensor
+    """[S+1] int32 attention segment boundaries (a segment is a sample, or one video frame)."""
+    max_seqlen: int
+    """Length of the longest attention segment."""
+    num_padding: int = 0
+    """Tail padding rows at the end of `patches`."""
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens in the stream."""
+        return int(self.patches.shape[0]) - self.num_padding
+
+
+@dataclass
+class PackedBatch:
+    """Everything one rank feeds the model in one micro-batch; may hold zero samples."""
+
+    streams: dict[str, PackedStream]
+    """Encoder streams by name (`vision`, `audio`); a stream with no samples is absent."""
+    modality: torch.Tensor
+    """[N] int64 code of each sample's media modality (index into MODALITIES)."""
+    sample_key: list[str]
+    """[N] sample keys, for queue de-duplication and leakage checks."""
+    group: torch.Tensor
+    """[N] int64 group id (samples of one group are positives of each other)."""
+    caption_ids: torch.Tensor
+    """[Tc] int64 caption token ids of all samples, packed back to back."""
+    caption_cu_seqlens: torch.Tensor
+    """[N+1] int32 caption boundaries in `caption_ids`."""
+    counters: dict[str, int] = field(default_factory=dict)
+    """Counts for metrics: tokens, padding, dropped tokens, skipped samples by reason."""
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in this micro-batch (zero is allowed)."""
+        return len(self.sample_key)

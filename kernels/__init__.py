@@ -1,0 +1,1 @@
+"""Fast paths (attention, MoE dispatch, fused losses), each beside its reference."""

@@ -1,0 +1,33 @@
+"""Shared fixtures: real demo shards written once per test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from plait.data.demo import DemoSpec, write_demo
+from plait.data.indexer import index_dataset
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 indexed demo samples (20 per modality) in 3 shards."""
+    out = tmp_path_factory.mktemp("demo")
+    write_demo(out, DemoSpec(samples=60, samples_per_shard=20))
+    index_dataset(str(out), workers=1)
+    return out
+
+
+def run_plait(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the `plait` CLI in a fresh interpreter, as a user would."""
+    proc = subprocess.run([sys.executable, "-m", "plait.trainer", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"plait {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+    return proc

@@ -1,0 +1,1 @@
+"""Training: config, model, losses, curriculum, engine, checkpoints, tracking, CLI."""

@@ -1,0 +1,133 @@
+"""The `plait` command line: one sub-command per user task; each prints its result as a final JSON line."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import pkgutil
+import sys
+from pathlib import Path
+
+from plait.trainer.config_loader import ConfigError
+
+EXIT_BAD_INPUT = 2
+
+
+def _cmd_config_show(args: argparse.Namespace) -> None:
+    from plait.trainer.config import load_config
+    from plait.trainer.config_loader import render_yaml
+
+    config = load_config(args.config, args.set)
+    sys.stdout.write(render_yaml(config) + "\n")
+
+
+def _cmd_demo_data(args: argparse.Namespace) -> None:
+    from plait.data.demo import DemoSpec, write_demo
+    from plait.data.indexer import index_dataset
+    from plait.trainer.console import console, emit_result
+
+    spec = DemoSpec(samples=args.samples, seed=args.seed, samples_per_shard=args.samples_per_shard)
+    with console.status(f"writing {args.samples} demo samples to {args.out}"):
+        paths, counts = write_demo(args.out, spec)
+        index_dataset(args.out, out=args.out, workers=1)
+    emit_result({"samples": sum(counts.values()), "shards": len(paths), "modalities": counts})
+
+
+def _cmd_shards_build(args: argparse.Namespace) -> None:
+    from plait.data.indexer import index_dataset
+    from plait.data.shard_build import build_shards
+    from plait.trainer.console import emit_result
+
+    columns = {"path": args.path_column, "bytes": args.bytes_column, "caption": args.caption_column,
+               "key": args.key_column, "group": args.group_column}
+    built = build_shards(args.input, args.out, args.samples_per_shard, args.prefix, columns)
+    indexed = index_dataset(str(Path(args.out) / f"{args.prefix}-*.tar"), out=args.out, workers=args.workers)
+    emit_result({**built, "bad": indexed["bad"], "index": indexed["index"]})
+
+
+def _cmd_shards_index(args: argparse.Namespace) -> None:
+    from plait.data.indexer import index_dataset
+    from plait.trainer.console import emit_result
+
+    emit_result(index_dataset(args.shards, out=args.out, workers=args.workers))
+
+
+def _bench_modules() -> dict[str, Path]:
+    import plait.trainer.bench as bench
+
+    return {m.name: Path(m.module_finder.path) / f"{m.name}.py" for m in pkgutil.iter_modules(bench.__path__)}
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from plait.trainer.console import emit_result
+
+    emit_result(args.bench_module.run(args))
+
+
+def _add_bench(sub: argparse._SubParsersAction, argv: list[str]) -> None:
+    """Register every `trainer/bench/*.py`; only the one being run is imported (they pull in torch)."""
+    bench = sub.add_parser("bench", help="benchmarks; each prints ratios against a baseline from the same run")
+    names = bench.add_subparsers(dest="bench", required=True, metavar="NAME")
+    wanted = argv[argv.index("bench") + 1] if "bench" in argv[:-1] else None
+    for name, path in _bench_modules().items():
+        summary = (ast.get_docstring(ast.parse(path.read_text())) or name).splitlines()[0]
+        parser = names.add_parser(name, help=summary)
+        if name == wanted:
+            module = importlib.import_module(f"plait.trainer.bench.{name}")
+            module.add_arguments(parser)
+            parser.set_defaults(func=_cmd_bench, bench_module=module)
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    parser = argparse.ArgumentParser(prog="plait", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = sub.add_parser("config", help="inspect run configs").add_subparsers(dest="what", required=True)
+    show = config.add_parser("show", help="print the resolved config with every field documented")
+    show.add_argument("config")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    show.set_defaults(func=_cmd_config_show)
+
+    demo = sub.add_parser("demo-data", help="write the built-in handwritten-digit demo dataset")
+    demo.add_argument("--out", required=True)
+    demo.add_argument("--samples", type=int, default=600)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--samples-per-shard", type=int, default=100)
+    demo.set_defaults(func=_cmd_demo_data)
+
+    shards = sub.add_parser("shards", help="build and index WebDataset shards").add_subparsers(
+        dest="what", required=True)
+    build = shards.add_parser("build", help="shards from a media folder or a JSONL/CSV/Parquet table")
+    build.add_argument("--input", required=True, help="folder of media + same-stem .txt, or a table file")
+    build.add_argument("--out", required=True)
+    build.add_argument("--samples-per-shard", type=int, default=1000)
+    build.add_argument("--prefix", default="shard")
+    build.add_argument("--workers", type=int, default=0, help="indexing processes (0: one per core)")
+    for column in ("path", "bytes", "caption", "key", "group"):
+        build.add_argument(f"--{column}-column", default=None, help=f"table column holding the {column}")
+    build.set_defaults(func=_cmd_shards_build)
+    index = shards.add_parser("index", help="write Parquet manifests for existing shards")
+    index.add_argument("shards", help="folder, glob, brace range or pipe: command")
+    index.add_argument("--out", default=None, help="manifest folder (default: beside the shards)")
+    index.add_argument("--workers", type=int, default=0, help="processes (0: one per core)")
+    index.set_defaults(func=_cmd_shards_index)
+
+    _add_bench(sub, argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `plait` console script."""
+    from plait.trainer.console import console, setup_logging
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        raise SystemExit(EXIT_BAD_INPUT) from None

@@ -1,0 +1,219 @@
+"""The run config: one YAML file per run, loaded into typed sections and validated before any work."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from plait.trainer.config_loader import ConfigError, apply_overrides, build, read_yaml
+
+from plait.data.shardlist import expand_urls, is_remote
+
+PROB_TOLERANCE = 1e-6
+
+
+def check_probabilities(name: str, probs: dict) -> None:
+    """Raise ValueError naming `name` unless `probs` are non-negative and sum to 1."""
+    if any(p < 0 for p in probs.values()):
+        raise ValueError(f"{name}: probabilities must be non-negative, got {probs}")
+    total = sum(probs.values())
+    if probs and abs(total - 1.0) > PROB_TOLERANCE:
+        raise ValueError(f"{name}: probabilities sum to {total:g}, expected 1")
+
+
+def check_positive(**values: float) -> None:
+    """Raise ValueError naming the first value that is not > 0."""
+    for name, value in values.items():
+        if value <= 0:
+            raise ValueError(f"{name}: must be > 0, got {value}")
+
+
+@dataclass
+class DemoDataConfig:
+    """The built-in demo dataset, built on first use when `data.shards` is empty."""
+
+    out: str = ".plait/demo-data"
+    """Folder the demo shards are written to (reused when already there)."""
+    samples: int = 600
+    """Number of demo samples over the three modalities."""
+    samples_per_shard: int = 100
+    """Samples per demo tar shard."""
+
+    def __post_init__(self) -> None:
+        check_positive(samples=self.samples, samples_per_shard=self.samples_per_shard)
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how the loader reads them."""
+
+    shards: str = ""
+    """Shard URLs: a path, glob, brace range (`shard-{000..127}.tar`) or `pipe:` command; empty = demo data."""
+    demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+    """The built-in demo dataset used when `shards` is empty."""
+    mix: dict[str, float] = field(default_factory=lambda: {"image": 0.4, "audio": 0.3, "video": 0.3})
+    """Sampling weight of each modality; must sum to 1."""
+    eval_fraction: float = 0.1
+    """Fraction of groups held out for evaluation (split by group id, so no leakage)."""
+    workers: int = 2
+    """DataLoader worker processes per rank (never changes which samples a rank sees)."""
+    max_consecutive_failures: int = 100
+    """Stop with an error naming shard and key after this many undecodable samples in a row."""
+
+    def __post_init__(self) -> None:
+        check_probabilities("mix", self.mix)
+        unknown = set(self.mix) - {"image", "audio", "video"}
+        if unknown:
+            raise ValueError(f"mix: unknown modality {sorted(unknown)}, expected image, audio or video")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
+        if self.workers < 0:
+            raise ValueError(f"workers: must be >= 0, got {self.workers}")
+        check_positive(max_consecutive_failures=self.max_consecutive_failures)
+        if self.shards:
+            urls = expand_urls(self.shards)
+            missing = [u for u in urls if not is_remote(u) and not os.path.exists(u)]
+            if missing or not urls:
+                raise ValueError(f"shards: no such shard {missing[0] if missing else self.shards!r}")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    lr: float = 1e-3
+    """Peak learning rate of the default parameter group."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (never applied to norms, biases, embeddings or the temperature)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW betas."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """Decay after warmup: cosine to `min_lr_ratio`, warmup-stable-decay, or constant."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+    grad_clip: float = 1.0
+    """Gradient norm clipping (0 disables)."""
+    group_lr: dict[str, float] = field(default_factory=dict)
+    """Peak LR per parameter group (encoder, resampler, llm, routers); missing groups use `lr`."""
+
+    def __post_init__(self) -> None:
+        check_positive(lr=self.lr)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas: expected two values in [0, 1), got {self.betas}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("warmup_steps: warmup_steps, weight_decay and grad_clip must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        for name, value in self.group_lr.items():
+            if value < 0:
+                raise ValueError(f"group_lr.{name}: must be >= 0, got {value}")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed engine: ZeRO stage, offload, precision, batch shape."""
+
+    zero_stage: int = 2
+    """ZeRO stage: 0 (plain data parallel), 1, 2 or 3."""
+    offload: Literal["none", "cpu"] = "none"
+    """Offload optimizer state (and parameters at stage 3) to CPU memory."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto`: bf16 on GPU, fp32 on CPU (bf16 on CPU is ~4x slower)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    config_file: str = ""
+    """Optional DeepSpeed JSON (e.g. configs/deepspeed/zero3.json) merged under the values above."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        check_positive(gradient_accumulation_steps=self.gradient_accumulation_steps)
+        if self.config_file and not os.path.isfile(self.config_file):
+            raise ValueError(f"config_file: no such file {self.config_file!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    """When and where checkpoints are written."""
+
+    every: int = 100
+    """Save every N optimizer steps (0: only at the end and on preemption)."""
+    keep: int = 3
+    """Keep the newest K checkpoints (0 keeps all)."""
+    resume: bool = True
+    """Resume from the run directory's latest checkpoint when there is one."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.keep < 0:
+            raise ValueError("every: every and keep must be >= 0")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow experiment tracking (rank 0 only)."""
+
+    uri: str = ""
+    """Tracking URI; empty = $MLFLOW_TRACKING_URI, else a SQLite store in the run directory."""
+    experiment: str = "plait"
+    """MLflow experiment name."""
+    log_every: int = 10
+    """Send batched metrics every N steps."""
+
+    def __post_init__(self) -> None:
+        check_positive(log_every=self.log_every)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out retrieval evaluation."""
+
+    every: int = 100
+    """Evaluate every N steps (0: only at the end)."""
+    max_samples: int = 300
+    """Held-out samples per modality used for retrieval R@k."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"every: must be >= 0, got {self.every}")
+        check_positive(max_samples=self.max_samples)
+
+
+@dataclass
+class RunConfig:
+    """One training run."""
+
+    seed: int = 0
+    """Seed of every random choice (data order, sizing, init)."""
+    steps: int = 200
+    """Optimizer steps to train."""
+    run_dir: str = "runs/default"
+    """Checkpoints, the local MLflow store and logs go here."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data sources and loader."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed engine."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment tracking."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
+
+    def __post_init__(self) -> None:
+        check_positive(steps=self.steps)
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load and validate a run config (defaults when `path` is None), applying `--set` overrides."""
+    source = str(path) if path is not None else "<defaults>"
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides)
+    return build(RunConfig, data, source)
+
+
+__all__ = ["ConfigError", "RunConfig", "load_config"]

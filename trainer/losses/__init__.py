@@ -1,0 +1,1 @@
+"""Training objectives: contrastive with queues, captioning, load balance."""

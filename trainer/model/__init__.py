@@ -1,0 +1,1 @@
+"""The model: packed encoder, Perceiver resampler, HF causal LM, MoME layers."""

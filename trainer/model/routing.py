@@ -1,0 +1,24 @@
+"""What each MoME layer reports about its routing, for the balance losses and metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TOKEN_MODALITIES = ("text", "image", "audio", "video")
+"""Token modality codes used by routers (index = code)."""
+
+
+@dataclass
+class RouterOutput:
+    """Routing of one MoME layer over the tokens of one forward pass."""
+
+    logits: torch.Tensor
+    """[T, E] router logits (with gradient)."""
+    topk_experts: torch.Tensor
+    """[T, k] int64 experts each token was routed to (before capacity drops)."""
+    modality: torch.Tensor
+    """[T] int64 token modality code (index into TOKEN_MODALITIES)."""
+    dropped: int = 0
+    """Token-expert assignments dropped by the capacity limit."""
