@@ -51,6 +51,7 @@ setup(
         "pyyaml>=6",
         "rich>=13",
         "scikit-learn>=1.3",
+        "scipy>=1.10",
         "matplotlib>=3.7",
     ],
     extras_require={

@@ -22,6 +22,18 @@ def _cmd_config_show(args: argparse.Namespace) -> None:
     sys.stdout.write(render_yaml(config) + "\n")
 
 
+def _cmd_curriculum_show(args: argparse.Namespace) -> None:
+    from plait.trainer.config import load_config
+    from plait.trainer.console import console, emit_result
+    from plait.trainer.curriculum import curriculum_table, plot_curriculum
+
+    config = load_config(args.config, args.set)
+    out = args.out or f"{Path(args.config).stem}-curriculum.png"
+    console.print(curriculum_table(config.curriculum), highlight=False, soft_wrap=True)
+    plot_curriculum(config.curriculum, out, steps=args.steps or None)
+    emit_result({"phases": len(config.curriculum.phases), "plot": out})
+
+
 def _cmd_demo_data(args: argparse.Namespace) -> None:
     from plait.data.demo import DemoSpec, write_demo
     from plait.data.indexer import index_dataset
@@ -90,6 +102,14 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     show.add_argument("config")
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
     show.set_defaults(func=_cmd_config_show)
+
+    curriculum = sub.add_parser("curriculum", help="inspect curricula").add_subparsers(dest="what", required=True)
+    table = curriculum.add_parser("show", help="print the phase table and write a PNG plot of every schedule")
+    table.add_argument("config", help="a run config or a configs/curricula/*.yaml fragment")
+    table.add_argument("--out", default=None, help="PNG path (default: CONFIG_STEM-curriculum.png)")
+    table.add_argument("--steps", type=int, default=0, help="steps to plot (default: past the last change)")
+    table.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    table.set_defaults(func=_cmd_curriculum_show)
 
     demo = sub.add_parser("demo-data", help="write the built-in handwritten-digit demo dataset")
     demo.add_argument("--out", required=True)

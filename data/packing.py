@@ -1,0 +1,250 @@
+"""NaViT packing: first-fit-decreasing bins over sample lengths, and PackedBatch building/unpacking.
+
+Planning works on lengths only (`pack_lengths`, `balance_bins`), so the plan packs from metadata.
+Building (`pack_samples`) concatenates the patched samples of one bin per encoder stream, drops
+tokens with each sample's keyed seed, and pads only at the tail of each stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from plait.data.batch import MODALITIES, STREAM_OF_MODALITY, PackedBatch, PackedStream
+from plait.data.token_drop import kept_mask
+
+STREAMS = ("vision", "audio")
+"""Encoder stream names, in the order they are built."""
+
+
+@dataclass(kw_only=True)
+class PackingConfig:
+    """Sequence budget and layout of packed micro-batches."""
+
+    max_tokens: int = 4096
+    """Token budget of one packed sequence (per encoder stream)."""
+    max_samples_per_sequence: int = 256
+    """Cap on samples in one sequence (bounds per-sample work such as resampler latents); 0 = no cap."""
+    window: int = 4096
+    """First-fit-decreasing look-ahead: samples are reordered only within windows of this many."""
+    video_frame_segments: bool = False
+    """Each video tubelet slice (frame group) is its own attention segment, instead of one per clip."""
+    tail_padding: Literal["max_tokens", "multiple"] = "max_tokens"
+    """Pad each stream to max_tokens (static shapes) or only up to a multiple of pad_multiple."""
+    pad_multiple: int = 1
+    """`multiple` padding granularity (1 = no padding)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens", "window", "pad_multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_samples_per_sequence < 0:
+            raise ValueError(f"max_samples_per_sequence: must be >= 0, got {self.max_samples_per_sequence}")
+
+
+@dataclass
+class BinPacking:
+    """Assignment of samples to bins (packed sequences) with per-bin totals."""
+
+    bin_of: np.ndarray
+    """[N] int64 bin of each sample; -1 when it cannot fit (longer than max_tokens)."""
+    tokens: np.ndarray
+    """[B] int64 tokens per bin."""
+    cost: np.ndarray
+    """[B] float64 attention cost per bin (sum of the samples' costs, default length^2)."""
+    count: np.ndarray
+    """[B] int64 samples per bin."""
+
+    @property
+    def num_bins(self) -> int:
+        """Bins opened."""
+        return len(self.tokens)
+
+    def members(self) -> list[np.ndarray]:
+        """Sample indices of each bin, in the order they were placed (longest first)."""
+        placed = np.flatnonzero(self.bin_of >= 0)
+        order = placed[np.argsort(self.bin_of[placed], kind="stable")]
+        return np.split(order, np.cumsum(self.count)[:-1]) if self.num_bins else []
+
+
+def _first_fit_decreasing(lengths: np.ndarray, max_tokens: int, cap: int) -> tuple[np.ndarray, int]:
+    """FFD of one window: local bin index per item (input order) and bins opened."""
+    order = np.argsort(-lengths, kind="stable")
+    room = np.empty(len(lengths), dtype=np.int64)  # free tokens per open bin; -1 once the bin is at the cap
+    filled = np.zeros(len(lengths), dtype=np.int64)
+    local = np.empty(len(lengths), dtype=np.int64)
+    opened = 0
+    for item in order:  # FFD is sequential by nature; the inner search over bins is vectorised
+        size = lengths[item]
+        j = int(np.argmax(room[:opened] >= size)) if opened else 0
+        if not opened or room[j] < size:
+            j = opened
+            room[j] = max_tokens
+            opened += 1
+        room[j] -= size
+        filled[j] += 1
+        if cap and filled[j] >= cap:
+            room[j] = -1
+        local[item] = j
+    return local, opened
+
+
+def pack_lengths(lengths: np.ndarray, max_tokens: int, max_per_bin: int = 0, window: int = 4096,
+                 costs: np.ndarray | None = None) -> BinPacking:
+    """First-fit decreasing of `lengths` into bins of `max_tokens`, window by window, in input order.
+
+    Bins are numbered in window order, so the plan stays a stream; the last bin of each window may
+    be part-full. `costs` (default length^2, the attention cost) are summed per bin for balancing.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    costs = lengths.astype(np.float64) ** 2 if costs is None else np.asarray(costs, dtype=np.float64)
+    bin_of = np.full(len(lengths), -1, dtype=np.int64)
+    num_bins = 0
+    for start in range(0, len(lengths), window):
+        items = np.arange(start, min(start + window, len(lengths)))
+        items = items[lengths[items] <= max_tokens]
+        local, opened = _first_fit_decreasing(lengths[items], max_tokens, max_per_bin)
+        bin_of[items] = local + num_bins
+        num_bins += opened
+    placed = bin_of >= 0
+    return BinPacking(
+        bin_of=bin_of,
+        tokens=np.bincount(bin_of[placed], weights=lengths[placed], minlength=num_bins).astype(np.int64),
+        cost=np.bincount(bin_of[placed], weights=costs[placed], minlength=num_bins),
+        count=np.bincount(bin_of[placed], minlength=num_bins).astype(np.int64),
+    )
+
+
+def segment_costs(num_kept: np.ndarray, t: np.ndarray, frame_segments: bool) -> np.ndarray:
+    """Attention cost per sample: sum of squared segment lengths (a clip split into t frame groups)."""
+    kept = np.asarray(num_kept, dtype=np.float64)
+    return kept**2 / np.asarray(t, dtype=np.float64) if frame_segments else kept**2
+
+
+def balance_bins(bin_cost: np.ndarray, num_ranks: int) -> np.ndarray:
+    """[steps, num_ranks] bin ids (-1 = empty micro-batch) giving every rank the same step count.
+
+    Bins are sorted by cost and dealt a step at a time, so the bins of one step cost about the
+    same (no rank waits at the step's all-reduce); within a step the heaviest bin goes to the
+    rank with the least cost so far. Steps come heaviest first; the plan may shuffle their order.
+    """
+    order = np.argsort(-np.asarray(bin_cost, dtype=np.float64), kind="stable")
+    steps = -(-len(order) // num_ranks)
+    table = np.full(steps * num_ranks, -1, dtype=np.int64)
+    table[: len(order)] = order
+    table = table.reshape(steps, num_ranks)
+    padded_cost = np.append(np.asarray(bin_cost, dtype=np.float64), 0.0)
+    load = np.zeros(num_ranks)
+    for step in range(steps):
+        rank_order = np.argsort(load, kind="stable")
+        table[step, rank_order] = table[step].copy()
+        load += padded_cost[table[step]]
+    return table
+
+
+@dataclass
+class PatchedSample:
+    """One decoded and patchified sample, ready to pack."""
+
+    key: str
+    """Sample key (unique in the dataset)."""
+    modality: str
+    """'image', 'audio' or 'video'."""
+    patches: torch.Tensor
+    """[n, C] all patches of the sample's grid (before dropping)."""
+    coords: torch.Tensor
+    """[n, 3] int64 (t, h, w) grid coordinates of the patches."""
+    caption_ids: torch.Tensor
+    """[L] int64 caption token ids."""
+    group: int = -1
+    """Group id (samples of one group are positives of each other)."""
+    num_kept: int | None = None
+    """Tokens to keep after dropping (None = all)."""
+    drop_seed: int = 0
+    """uint64 keyed seed choosing which tokens are kept (e.g. keyed_seeds(seed, [key], epoch, 'drop'))."""
+
+
+def _segment_starts(seg: torch.Tensor, t: torch.Tensor, frame_segments: bool) -> torch.Tensor:
+    """Row indices where a new attention segment starts (new sample, or new frame group)."""
+    change = seg[1:] != seg[:-1]
+    if frame_segments:
+        change |= t[1:] != t[:-1]
+    starts = torch.nonzero(change).flatten() + 1
+    return torch.cat([torch.zeros(1, dtype=torch.long), starts]) if len(seg) else starts
+
+
+def _padded_length(num_tokens: int, cfg: PackingConfig) -> int:
+    """Stream length after tail padding."""
+    if cfg.tail_padding == "max_tokens":
+        if num_tokens > cfg.max_tokens:
+            raise ValueError(f"max_tokens: stream has {num_tokens} tokens, more than {cfg.max_tokens}")
+        return cfg.max_tokens
+    return -(-num_tokens // cfg.pad_multiple) * cfg.pad_multiple
+
+
+def build_stream(samples: Sequence[PatchedSample], indices: Sequence[int],
+                 cfg: PackingConfig) -> tuple[PackedStream, int]:
+    """Pack the samples at `indices` (batch positions) into one stream; returns it and tokens dropped."""
+    members = [samples[i] for i in indices]
+    sizes = np.array([len(s.patches) for s in members], dtype=np.int64)
+    kept = np.array([s.num_kept if s.num_kept is not None else n for s, n in zip(members, sizes)], dtype=np.int64)
+    if np.any((kept < 0) | (kept > sizes)):
+        raise ValueError("num_kept: must be between 0 and the sample's token count")
+    patches = torch.cat([s.patches for s in members])
+    coords = torch.cat([s.coords for s in members]).to(torch.long)
+    if np.any(kept < sizes):
+        mask = torch.from_numpy(kept_mask(np.array([s.drop_seed for s in members], dtype=np.uint64), sizes, kept))
+        patches, coords = patches[mask], coords[mask]
+    seg = torch.repeat_interleave(torch.as_tensor(indices, dtype=torch.long), torch.from_numpy(kept))
+    starts = _segment_starts(seg, coords[:, 0], cfg.video_frame_segments)
+    num_tokens = len(seg)
+    cu_seqlens = torch.cat([starts, torch.tensor([num_tokens])]).to(torch.int32)
+    padding = _padded_length(num_tokens, cfg) - num_tokens
+    stream = PackedStream(
+        patches=torch.cat([patches, patches.new_zeros(padding, patches.shape[1])]),
+        coords=torch.cat([coords, coords.new_zeros(padding, 3)]),
+        seg=torch.cat([seg, seg.new_full((padding,), -1)]),
+        cu_seqlens=cu_seqlens,
+        max_seqlen=int(torch.diff(cu_seqlens).max()) if num_tokens else 0,
+        num_padding=padding,
+    )
+    return stream, int(sizes.sum() - kept.sum())
+
+
+def pack_samples(samples: Sequence[PatchedSample], cfg: PackingConfig) -> PackedBatch:
+    """Build one PackedBatch from the samples of a bin (batch order = `samples` order)."""
+    codes = [MODALITIES.index(s.modality) for s in samples]
+    streams: dict[str, PackedStream] = {}
+    counters = {"samples": len(samples), "tokens": 0, "padding": 0, "dropped": 0}
+    for name in STREAMS:
+        indices = [i for i, s in enumerate(samples) if STREAM_OF_MODALITY[s.modality] == name]
+        if not indices:
+            continue
+        stream, dropped = build_stream(samples, indices, cfg)
+        streams[name] = stream
+        counters.update({f"tokens_{name}": stream.num_tokens, f"padding_{name}": stream.num_padding,
+                         f"dropped_{name}": dropped})
+        counters["tokens"] += stream.num_tokens
+        counters["padding"] += stream.num_padding
+        counters["dropped"] += dropped
+    caption_lengths = torch.tensor([len(s.caption_ids) for s in samples], dtype=torch.long)
+    return PackedBatch(
+        streams=streams,
+        modality=torch.tensor(codes, dtype=torch.long),
+        sample_key=[s.key for s in samples],
+        group=torch.tensor([s.group for s in samples], dtype=torch.long),
+        caption_ids=torch.cat([s.caption_ids.long() for s in samples]) if samples else torch.zeros(0, dtype=torch.long),
+        caption_cu_seqlens=torch.cat([torch.zeros(1, dtype=torch.long), caption_lengths.cumsum(0)]).to(torch.int32),
+        counters=counters,
+    )
+
+
+def unpack_stream(stream: PackedStream, num_samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per batch position, the (patches, coords) rows of that sample (empty for samples not in the stream)."""
+    real = stream.num_tokens
+    counts = torch.bincount(stream.seg[:real], minlength=num_samples).tolist()
+    return list(zip(torch.split(stream.patches[:real], counts), torch.split(stream.coords[:real], counts)))
