@@ -1,0 +1,148 @@
+"""The training objective: weighted sum of contrastive, caption and router losses, and what to log.
+
+`Objective` is an nn.Module so the learnable temperature (`contrastive.logit_scale`) and the
+negative queues (buffers plus extra state) travel with the model: register it as a submodule of
+the module DeepSpeed wraps, call it inside that module's forward, and exclude parameters named
+`*logit_scale` from weight decay. Every returned loss is this rank's share: after DeepSpeed
+averages gradients over ranks they equal the gradients of the single-process global loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+
+from plait.trainer.losses.balance import balance_losses
+from plait.trainer.losses.caption import caption_loss
+from plait.trainer.losses.config import LossConfig, check_weights
+from plait.trainer.losses.contrastive import PAIRS, ContrastiveLoss, GatheredBatch, gather_batch
+from plait.trainer.losses.distributed import gather_no_grad
+from plait.trainer.losses.distributed import rank as dist_rank
+from plait.trainer.losses.queue import QueueBank, hash_strings
+from plait.trainer.model.routing import RouterOutput
+
+QUEUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ObjectiveInputs:
+    """Everything one rank feeds the losses in one micro-batch (N, M and T may be 0)."""
+
+    media_embeds: Tensor
+    """[N, D] media embeddings (unnormalised, with gradient)."""
+    text_embeds: Tensor
+    """[N, D] text embeddings of the paired captions."""
+    modality: Tensor
+    """[N] int64 media modality code (index into data.batch.MODALITIES)."""
+    sample_key: list[str]
+    """[N] sample keys (hashed; a queue entry with a current key is never a negative)."""
+    group: Tensor
+    """[N] int64 group id; samples of one group are positives of each other (-1 = none)."""
+    caption_id: Tensor | None = None
+    """[N] int64 caption id (e.g. a hash of the text); equal ids are positives (-1 = none)."""
+    caption_logits: Tensor | None = None
+    """[M, V] LM logits at the positions predicting caption tokens."""
+    caption_targets: Tensor | None = None
+    """[M] int64 caption tokens to predict (ignore_index where not a caption token)."""
+    router_outputs: list[RouterOutput] = field(default_factory=list)
+    """Routing of every MoME layer (same number of layers on every rank)."""
+    queue_media_embeds: Tensor | None = None
+    """[N, D] momentum-encoder media embeddings to enqueue (required with queue.momentum_encoder)."""
+    queue_text_embeds: Tensor | None = None
+    """[N, D] momentum-encoder text embeddings to enqueue."""
+
+
+@dataclass
+class ObjectiveOutput:
+    """The total loss to backpropagate and every component and statistic, detached, for logging."""
+
+    loss: Tensor
+    """Weighted total."""
+    components: dict[str, Tensor]
+    """Flat name -> 0-dim tensor (call .item() only when logging, to avoid device syncs)."""
+
+
+class Objective(nn.Module):
+    """Contrastive (with queues, hard negatives, soft labels) + caption + router regularisers."""
+
+    def __init__(self, config: LossConfig, embed_dim: int, group: ProcessGroup | None = None) -> None:
+        super().__init__()
+        self.config, self.group = config, group
+        self.contrastive = ContrastiveLoss(config.contrastive, config.hard_negatives)
+        self.queues = None
+        if config.queue.size > 0:
+            self.queues = QueueBank(PAIRS, config.queue.size, embed_dim, QUEUE_DTYPES[config.queue.dtype])
+
+    def _ids(self, inputs: ObjectiveInputs) -> Tensor:
+        """[N, 3] (key hash, group, caption id) on the embeddings' device."""
+        n = inputs.media_embeds.shape[0]
+        caption = inputs.caption_id if inputs.caption_id is not None else torch.full((n,), -1)
+        keys = hash_strings(inputs.sample_key).view(n)
+        cols = [keys, inputs.group.view(n).cpu(), caption.view(n).cpu()]
+        return torch.stack(cols, dim=1).to(inputs.media_embeds.device)
+
+    def _caption(self, inputs: ObjectiveInputs) -> Tensor:
+        """Caption CE (a graph-connected zero with an all-reduce when this rank has no captions)."""
+        logits, targets = inputs.caption_logits, inputs.caption_targets
+        if logits is None or targets is None:
+            logits = inputs.text_embeds.new_zeros(0, 1)
+            targets = torch.zeros(0, dtype=torch.long, device=logits.device)
+        return caption_loss(logits, targets, self.config.caption, self.group)[0]
+
+    @torch.no_grad()
+    def _enqueue(self, inputs: ObjectiveInputs, batch: GatheredBatch, step: int) -> None:
+        """Push the global batch (or its momentum features) into each pair's queue."""
+        media, text = batch.media, batch.text
+        if self.config.queue.momentum_encoder:
+            if inputs.queue_media_embeds is None or inputs.queue_text_embeds is None:
+                raise ValueError("queue.momentum_encoder: queue_media_embeds/queue_text_embeds are required")
+            local = torch.cat([inputs.queue_media_embeds, inputs.queue_text_embeds], dim=1).float()
+            both = gather_no_grad(local, batch.sizes, self.group)
+            dim = media.shape[1]
+            media = torch.nn.functional.normalize(both[:, :dim], dim=-1)
+            text = torch.nn.functional.normalize(both[:, dim:], dim=-1)
+        for code, name in enumerate(PAIRS):
+            rows = batch.modality == code
+            self.queues[name].enqueue(media[rows].detach(), text[rows].detach(), batch.ids[rows], step)
+
+    def forward(
+        self,
+        inputs: ObjectiveInputs,
+        *,
+        step: int,
+        weights: dict[str, float] | None = None,
+        hard_fraction: float | None = None,
+    ) -> ObjectiveOutput:
+        """All losses of one micro-batch; `weights` and `hard_fraction` come from the curriculum."""
+        merged = dict(self.config.weights)
+        if weights:
+            check_weights(weights)
+            merged.update(weights)
+        batch = gather_batch(inputs.media_embeds, inputs.text_embeds, inputs.modality, self._ids(inputs), self.group)
+        contrastive = self.contrastive(
+            batch, self.queues, step=step, rank=dist_rank(self.group), hard_fraction=hard_fraction
+        )
+        routers = balance_losses(inputs.router_outputs, self.config.balance, self.group)
+        parts = {
+            "contrastive": contrastive.loss,
+            "caption": self._caption(inputs),
+            "balance": routers.balance,
+            "z": routers.z_loss,
+            "entropy_local": routers.entropy_local,
+            "entropy_global": routers.entropy_global,
+        }
+        total = sum(merged.get(name, 0.0) * value for name, value in parts.items())
+        components = {f"loss/{name}": value.detach() for name, value in parts.items()}
+        components.update({f"loss/contrastive/{k}": v.detach() for k, v in contrastive.pair_losses.items()})
+        components.update(contrastive.metrics)
+        components.update(routers.metrics)
+        components.update({f"weight/{name}": torch.tensor(w) for name, w in merged.items()})
+        if self.queues is not None and self.training:
+            # After the loss: this step's positives must not sit in the queue as negatives.
+            self._enqueue(inputs, batch, step)
+            components.update(self.queues.report(step))
+        components["loss/total"] = total.detach()
+        return ObjectiveOutput(loss=total, components=components)
