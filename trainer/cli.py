@@ -74,7 +74,8 @@ def _bench_modules() -> dict[str, Path]:
 def _cmd_bench(args: argparse.Namespace) -> None:
     from plait.trainer.console import emit_result
 
-    emit_result(args.bench_module.run(args))
+    module = importlib.import_module(f"plait.trainer.bench.{args.bench}")
+    emit_result(module.run(args))
 
 
 def _add_bench(sub: argparse._SubParsersAction, argv: list[str]) -> None:
@@ -88,7 +89,7 @@ def _add_bench(sub: argparse._SubParsersAction, argv: list[str]) -> None:
         if name == wanted:
             module = importlib.import_module(f"plait.trainer.bench.{name}")
             module.add_arguments(parser)
-            parser.set_defaults(func=_cmd_bench, bench_module=module)
+            parser.set_defaults(func=_cmd_bench)
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:

@@ -1,0 +1,20 @@
+"""The `plait` command line as a user runs it."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_plait
+
+
+def test_bench_list_and_index_bench(demo_dir) -> None:
+    listing = run_plait("bench", "--help").stdout
+    for name in ("index", "packing", "contrastive"):
+        assert name in listing
+    result = json.loads(run_plait("bench", "index", str(demo_dir), "--workers", "1").stdout.strip().splitlines()[-1])
+    assert result["samples"] == 60 and result["samples_per_s"] > 0
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    proc = run_plait("no-such-command", check=False)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
