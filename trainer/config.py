@@ -6,9 +6,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from plait.trainer.config_loader import ConfigError, apply_overrides, build, read_yaml
-
+from plait.data.packing import PackingConfig
 from plait.data.shardlist import expand_urls, is_remote
+from plait.data.sizing import SizingConfig
+from plait.data.token_drop import TokenDropConfig
+from plait.trainer.config_loader import ConfigError, apply_overrides, build, read_yaml
+from plait.trainer.curriculum import CurriculumConfig
+from plait.trainer.losses.config import LossConfig
+from plait.trainer.model.config import ModelConfig
 
 PROB_TOLERANCE = 1e-6
 
@@ -60,6 +65,12 @@ class DataConfig:
     """DataLoader worker processes per rank (never changes which samples a rank sees)."""
     max_consecutive_failures: int = 100
     """Stop with an error naming shard and key after this many undecodable samples in a row."""
+    sizing: SizingConfig = field(default_factory=SizingConfig)
+    """Token grid of each sample (NaViT sizing)."""
+    token_drop: TokenDropConfig = field(default_factory=TokenDropConfig)
+    """Random token dropping."""
+    packing: PackingConfig = field(default_factory=PackingConfig)
+    """Packing of samples into per-rank micro-batches."""
 
     def __post_init__(self) -> None:
         check_probabilities("mix", self.mix)
@@ -193,6 +204,12 @@ class RunConfig:
     """Checkpoints, the local MLflow store and logs go here."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data sources and loader."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Encoder, resampler, LLM and MoME layers."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Training objectives."""
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    """Step-keyed schedules (resolution, token drop, negatives, loss weights, freezing, LR)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and schedule."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -206,6 +223,18 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_positive(steps=self.steps)
+        self._check_patch_sizes()
+
+    def _check_patch_sizes(self) -> None:
+        """The encoder's patch embedding must match the patches the data plane cuts."""
+        enc, sizing = self.model.encoder, self.data.sizing
+        pairs = (("vision_patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch"),
+                 ("audio_patch_size", "audio_patch"))
+        for model_field, data_field in pairs:
+            if getattr(enc, model_field) != getattr(sizing, data_field):
+                raise ValueError(
+                    f"model.encoder.{model_field}: {getattr(enc, model_field)} differs from "
+                    f"data.sizing.{data_field} = {getattr(sizing, data_field)}; they must match")
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -1,0 +1,101 @@
+"""Packed encoder: one packed pass equals per-sample passes (values and gradients); empty streams run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plait.trainer.bench.model import make_batch
+from plait.trainer.model.config import EncoderConfig, ModelConfig, MoMEConfig
+from plait.trainer.model.encoder import Encoder
+from plait.trainer.model.mome import MoMELayer, RoutingContext
+
+SPECS = [(0, (1, 3, 5), 4), (1, (1, 4, 6), 3), (2, (2, 2, 3), 5), (0, (1, 1, 1), 2), (1, (1, 2, 2), 1)]
+"""image, audio, video, a one-patch image, a short audio clip."""
+
+
+def _encoder(**enc) -> tuple[Encoder, ModelConfig]:
+    cfg = ModelConfig(encoder=EncoderConfig(dim=32, depth=2, num_heads=4, ffn_hidden=48, vision_patch_size=4,
+                                            audio_patch_size=4, mome_layers=[0, 1], **enc),
+                      mome=MoMEConfig(init="fresh", init_std=0.2))
+    torch.manual_seed(0)
+    return Encoder(cfg.encoder, cfg.mome, RoutingContext()), cfg
+
+
+def _loss(encoder: Encoder, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    out = encoder(batch)
+    weight = torch.linspace(-1, 1, out.tokens.shape[1])
+    return (out.tokens * weight).sum(), out.tokens
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_equals_per_sample(checkpointing):
+    encoder, cfg = _encoder(activation_checkpointing=checkpointing)
+    batch = make_batch(SPECS, cfg, seed=0)
+    loss, tokens = _loss(encoder, batch)
+    packed_grads = torch.autograd.grad(loss, list(encoder.parameters()), allow_unused=True)
+    out = encoder(batch)
+    total = 0
+    for i in range(len(SPECS)):
+        stream = "audio" if SPECS[i][0] == 1 else "vision"
+        rows = out.seg == i
+        one = make_batch([SPECS[i]], cfg, seed=0)
+        # Same patches as sample i of the packed batch.
+        source = batch.streams[stream]
+        one.streams[stream].patches = source.patches[source.seg == i]
+        single_loss, single_tokens = _loss(encoder, one)
+        torch.testing.assert_close(single_tokens, tokens[rows], atol=1e-5, rtol=1e-5)
+        total = total + single_loss
+    single_grads = torch.autograd.grad(total, list(encoder.parameters()), allow_unused=True)
+    for (name, _), got, want in zip(encoder.named_parameters(), single_grads, packed_grads):
+        assert (got is None) == (want is None), name
+        if got is not None:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_token_modalities_and_order():
+    encoder, cfg = _encoder()
+    out = encoder(make_batch(SPECS, cfg, seed=0))
+    # vision stream first (samples 0, 2, 3), then audio (1, 4); codes: image 1, audio 2, video 3.
+    lengths = [15, 12, 1, 24, 4]
+    assert out.seg.tolist() == sum(([s] * n for s, n in zip([0, 2, 3, 1, 4], lengths)), [])
+    assert out.modality.tolist() == sum(([c] * n for c, n in zip([1, 3, 1, 2, 2], lengths)), [])
+
+
+def test_mome_layers_route_by_token_modality():
+    encoder, cfg = _encoder()
+    assert all(isinstance(block.ffn, MoMELayer) for block in encoder.blocks)
+    context = encoder.blocks[0].ffn.context
+    with context.record() as outputs:
+        out = encoder(make_batch(SPECS, cfg, seed=0))
+    assert len(outputs) == 2 and torch.equal(outputs[0].modality, out.modality)
+
+
+def test_missing_stream_and_empty_batch_run_every_module():
+    encoder, cfg = _encoder()
+    only_images = make_batch([SPECS[0], SPECS[3]], cfg, seed=1)
+    assert "audio" not in only_images.streams
+    assert encoder(only_images).tokens.shape == (16, 32)
+    out = encoder(make_batch([], cfg, seed=1))
+    assert out.tokens.shape == (0, 32)
+    out.tokens.sum().backward()
+    assert all(p.grad is not None for p in encoder.parameters())
+
+
+def test_tail_padding_is_ignored():
+    encoder, cfg = _encoder()
+    batch = make_batch(SPECS, cfg, seed=0)
+    base = encoder(batch).tokens
+    vision = batch.streams["vision"]
+    vision.patches = torch.cat([vision.patches, torch.randn(3, vision.patches.shape[1])])
+    vision.coords = torch.cat([vision.coords, torch.zeros(3, 3, dtype=torch.long)])
+    vision.seg = torch.cat([vision.seg, torch.full((3,), -1)])
+    vision.num_padding = 3
+    torch.testing.assert_close(encoder(batch).tokens, base)
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="num_heads"):
+        EncoderConfig(dim=30, num_heads=4)
+    with pytest.raises(ValueError, match="mome_layers"):
+        EncoderConfig(depth=2, mome_layers=[2])

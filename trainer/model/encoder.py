@@ -1,0 +1,161 @@
+"""Packed media encoder: per-stream patch embedding + NaViT position embeddings, then pre-norm transformer
+blocks over all media tokens of the micro-batch at once, with varlen attention and optional MoME FFNs.
+
+Vision patches (images and video tubelets) share one projection of 3*tp*p*p values: an image arrives
+repeated over the tp frames of a tubelet (as in Qwen2-VL), so it is simply a one-tubelet video.
+Audio log-mel patches (p*p values) have their own projection. Both streams are embedded every step,
+even when empty, so ZeRO-3 ranks run the same modules in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from plait.data.batch import PackedBatch, PackedStream
+from plait.kernels.attention import Backend, varlen_attention
+from plait.trainer.model.config import EncoderConfig, MoMEConfig
+from plait.trainer.model.mome import MoMELayer, RoutingContext
+from plait.trainer.model.routing import TOKEN_MODALITIES
+
+STREAMS = ("vision", "audio")
+"""Encoder streams, in the order their tokens are concatenated."""
+
+
+class FeedForward(nn.Module):
+    """Dense gated FFN, `w_out(act(gate(x)) * up(x))` with gate and up stacked in `w_in`; no biases."""
+
+    def __init__(self, dim: int, hidden: int, activation: Callable[[torch.Tensor], torch.Tensor] = F.silu) -> None:
+        super().__init__()
+        self.w_in = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w_out = nn.Linear(hidden, dim, bias=False)
+        self.activation = activation
+        self.gated = True
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor | None = None) -> torch.Tensor:
+        """FFN of `x [T, D]`; `modality` is accepted (and ignored) to match `MoMELayer`."""
+        gate, up = self.w_in(x).chunk(2, dim=-1)
+        return self.w_out(self.activation(gate) * up)
+
+
+class VarlenSelfAttention(nn.Module):
+    """Multi-head self-attention over packed sequences (no cross-sequence attention)."""
+
+    def __init__(self, dim: int, num_heads: int, backend: Backend = "auto") -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.backend = backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """Attention output for `x [T, D]` packed by `cu_seqlens`."""
+        q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
+                               backend=self.backend)
+        return self.proj(out.reshape(x.shape))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x)) (dense or MoME)."""
+
+    def __init__(self, cfg: EncoderConfig, ffn: nn.Module, backend: Backend) -> None:
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = VarlenSelfAttention(cfg.dim, cfg.num_heads, backend)
+        self.ffn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn = ffn
+
+    def forward(
+        self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, modality: torch.Tensor
+    ) -> torch.Tensor:
+        """Block output for packed tokens `x [T, D]` with token modality codes `modality [T]`."""
+        x = x + self.attn(self.attn_norm(x), cu_seqlens, max_seqlen)
+        return x + self.ffn(self.ffn_norm(x), modality)
+
+
+class StreamEmbedding(nn.Module):
+    """Patch projection + factorised learned (t, h, w) position embeddings (summed, NaViT) of one stream."""
+
+    def __init__(self, patch_dim: int, dim: int, max_grid: list[int]) -> None:
+        super().__init__()
+        self.patch_dim = patch_dim
+        self.proj = nn.Linear(patch_dim, dim)
+        self.pos_t, self.pos_h, self.pos_w = (nn.Embedding(n, dim) for n in max_grid)
+        for table in (self.pos_t, self.pos_h, self.pos_w):
+            nn.init.normal_(table.weight, std=0.02)
+
+    def forward(self, patches: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """Embeddings `[T, dim]` of `patches [T, patch_dim]` at grid `coords [T, 3]`."""
+        t, h, w = coords.unbind(1)
+        return self.proj(patches) + self.pos_t(t) + self.pos_h(h) + self.pos_w(w)
+
+
+@dataclass
+class EncoderOutput:
+    """Encoded media tokens of one micro-batch (vision stream first, then audio; tail padding removed)."""
+
+    tokens: torch.Tensor
+    """[T, dim] final-normed token features."""
+    seg: torch.Tensor
+    """[T] int64 owning sample of each token."""
+    modality: torch.Tensor
+    """[T] int64 token modality code (routing.TOKEN_MODALITIES: 1 image, 2 audio, 3 video)."""
+
+
+def _real_part(stream: PackedStream | None, patch_dim: int, like: torch.Tensor) -> PackedStream:
+    """The stream without tail padding; an empty stream when absent (ZeRO-3 still runs its modules)."""
+    if stream is None:
+        empty = torch.zeros(0, dtype=torch.long, device=like.device)
+        return PackedStream(
+            patches=like.new_zeros(0, patch_dim), coords=empty.view(0, 1).expand(0, 3), seg=empty,
+            cu_seqlens=torch.zeros(1, dtype=torch.int32, device=like.device), max_seqlen=0,
+        )
+    n = stream.num_tokens
+    return PackedStream(stream.patches[:n], stream.coords[:n], stream.seg[:n], stream.cu_seqlens, stream.max_seqlen)
+
+
+class Encoder(nn.Module):
+    """Vision + audio patch streams -> one packed transformer pass -> `EncoderOutput`."""
+
+    def __init__(
+        self, cfg: EncoderConfig, mome: MoMEConfig, context: RoutingContext | None = None, backend: Backend = "auto"
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vision = StreamEmbedding(cfg.vision_patch_dim, cfg.dim, cfg.vision_max_grid)
+        self.audio = StreamEmbedding(cfg.audio_patch_dim, cfg.dim, cfg.audio_max_grid)
+        self.modality_embed = nn.Embedding(len(TOKEN_MODALITIES), cfg.dim)
+        nn.init.normal_(self.modality_embed.weight, std=0.02)
+        self.blocks = nn.ModuleList()
+        for i in range(cfg.depth):
+            ffn = FeedForward(cfg.dim, cfg.ffn_hidden)
+            if i in cfg.mome_layers:
+                ffn = MoMELayer.from_dense(ffn, mome, context)
+            self.blocks.append(EncoderBlock(cfg, ffn, backend))
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+
+    def forward(self, batch: PackedBatch) -> EncoderOutput:
+        """Encode every media token of `batch`; samples never attend to each other."""
+        like = self.vision.proj.weight
+        parts = [_real_part(batch.streams.get(name), emb.patch_dim, like)
+                 for name, emb in zip(STREAMS, (self.vision, self.audio))]
+        embedded = [emb(p.patches.to(like.dtype), p.coords) for emb, p in zip((self.vision, self.audio), parts)]
+        seg = torch.cat([p.seg for p in parts])
+        modality = (batch.modality.to(seg.device)[seg] + 1) if seg.numel() else seg
+        x = torch.cat(embedded) + self.modality_embed(modality)
+        vision_cu, audio_cu = (p.cu_seqlens.to(seg.device).long() for p in parts)
+        cu_seqlens = torch.cat([vision_cu, audio_cu[1:] + vision_cu[-1]])
+        max_seqlen = max(p.max_seqlen for p in parts)
+        for block in self.blocks:
+            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cu_seqlens, max_seqlen, modality, use_reentrant=False)
+            else:
+                x = block(x, cu_seqlens, max_seqlen, modality)
+        return EncoderOutput(self.norm(x), seg, modality)

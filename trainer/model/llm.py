@@ -1,0 +1,155 @@
+"""The causal LM on packed sequences: any `AutoModelForCausalLM`, always `use_cache=False`, position ids
+restarting per sequence, MoME FFNs swapped into chosen decoder layers.
+
+Cross-sequence isolation: transformers 5 only detects packing from `position_ids` when the cache is off
+(with it on, sequences silently attend to each other), so the cache is disabled in the config and in
+every call. With `attn_implementation="plait_varlen"` attention goes through plait's varlen dispatch
+(flash-attn / torch varlen on CUDA, bucketed SDPA on CPU, never a [T, T] mask); `sdpa` uses
+transformers' block-diagonal mask, `flash_attention_2` its own varlen path.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface
+
+from plait.kernels.attention import Backend, varlen_attention
+from plait.trainer.model.config import LLMConfig, MoMEConfig
+from plait.trainer.model.mome import MoMELayer, RoutingContext
+from plait.trainer.model.resampler import segment_ids
+
+logger = logging.getLogger(__name__)
+
+PLAIT_VARLEN = "plait_varlen"
+"""Name of plait's varlen attention in transformers' attention registry."""
+_VARLEN_KWARGS = ("plait_varlen", "flash_attention_2")
+
+
+def _cu_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """Sequence offsets of a packed row whose positions restart at 0 for each sequence."""
+    starts = (position_ids[0] == 0).nonzero().squeeze(1)
+    return torch.cat([starts, starts.new_tensor([position_ids.shape[1]])])
+
+
+def plait_varlen_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: causal varlen attention over one packed row `[1, H, T, D]`."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        cu = _cu_from_positions(kwargs["position_ids"])
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    out = varlen_attention(q, k, v, cu, max_seqlen_q=kwargs.get("max_length_q"),
+                           max_seqlen_k=kwargs.get("max_length_k"), causal=True, scale=scaling,
+                           backend=getattr(module.config, "plait_attention_backend", "auto"))
+    return out.unsqueeze(0), None
+
+
+def _no_mask(*args, **kwargs) -> None:
+    """plait_varlen needs no mask: sequence bounds travel as cu_seqlens."""
+    return None
+
+
+AttentionInterface.register(PLAIT_VARLEN, plait_varlen_attention)
+AttentionMaskInterface.register(PLAIT_VARLEN, _no_mask)
+
+
+def build_causal_lm(cfg: LLMConfig, backend: Backend = "auto") -> PreTrainedModel:
+    """A hub checkpoint (`name_or_path`) or a model built from `model_type` + `model_kwargs`; cache off.
+
+    `backend` is the varlen path `plait_varlen` attention takes (stored on the config, read per call).
+    """
+    if cfg.name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path)
+    else:
+        config = AutoConfig.for_model(cfg.model_type, **cfg.model_kwargs)
+        model = AutoModelForCausalLM.from_config(config)
+    model.set_attn_implementation(cfg.attn_implementation)
+    model.config.use_cache = False
+    model.config.plait_attention_backend = backend
+    if getattr(model.config, "final_logit_softcapping", None) is not None:
+        raise ValueError("llm: models with final logit softcapping are not supported (logits come from lm_head)")
+    return model
+
+
+class PackedCausalLM(nn.Module):
+    """HF causal LM run on one packed row: embeds ids, returns final hidden states and caption logits."""
+
+    def __init__(
+        self,
+        cfg: LLMConfig,
+        mome: MoMEConfig,
+        embed_dim: int,
+        context: RoutingContext | None = None,
+        backend: Backend = "auto",
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.context = context
+        self.model = build_causal_lm(cfg, backend)
+        layers = self.model.get_decoder().layers
+        for i in cfg.mome_layers:
+            if i >= len(layers):
+                raise ValueError(f"mome_layers: index {i} but the LLM has {len(layers)} layers")
+            layers[i].mlp = MoMELayer.from_dense(layers[i].mlp, mome, context)
+        if cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.text_projection = nn.Linear(self.hidden_size, embed_dim, bias=False)
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the LLM's hidden states and input embeddings."""
+        return self.model.config.get_text_config().hidden_size
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings `[T, d]` of token ids `[T]`."""
+        return self.model.get_input_embeddings()(ids)
+
+    def forward(
+        self, inputs_embeds: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, modality: torch.Tensor
+    ) -> torch.Tensor:
+        """Final (normed) hidden states `[T, d]` of packed sequences; none attends outside its own sequence.
+
+        `modality [T]` (token codes, 0 text) routes the MoME layers.
+        """
+        if inputs_embeds.shape[0] == 0:
+            # transformers cannot run a zero-length row: run one dummy text token (a zero row still tied to the
+            # graph) so ZeRO-3 ranks stay in step, and return an empty slice so every parameter gets a zero grad.
+            dummy = inputs_embeds.sum(0, keepdim=True)
+            positions = torch.zeros(1, dtype=torch.long, device=dummy.device)
+            self._set_modality(positions)
+            return self._hidden(dummy, positions, positions.new_tensor([0, 1]), 1)[:0]
+        self._set_modality(modality)
+        seg = segment_ids(cu_seqlens)
+        positions = torch.arange(inputs_embeds.shape[0], device=seg.device) - cu_seqlens.long()[seg]
+        return self._hidden(inputs_embeds, positions, cu_seqlens, max_seqlen)
+
+    def _set_modality(self, modality: torch.Tensor) -> None:
+        """Hand token modalities to the MoME layers (HF calls `mlp(hidden)` with nothing else)."""
+        if self.context is not None:
+            self.context.modality = modality
+
+    def _hidden(self, embeds: torch.Tensor, positions: torch.Tensor, cu: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """One decoder call on a packed row."""
+        kwargs = {}
+        if self.model.config._attn_implementation in _VARLEN_KWARGS:
+            cu = cu.to(torch.int32)
+            kwargs = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_seqlen, "max_length_k": max_seqlen}
+        out = self.model.get_decoder()(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False,
+                                       **kwargs)
+        return out.last_hidden_state[0]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits `[M, V]` from hidden states `[M, d]`."""
+        return self.model.get_output_embeddings()(hidden)

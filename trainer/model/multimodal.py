@@ -1,0 +1,119 @@
+"""The whole model: packed encoder -> Perceiver resampler -> packed causal LM, one forward per micro-batch.
+
+The LLM runs once on one packed row holding, for every sample, the captioning sequence
+[K latents ; caption tokens] and then, for every sample, the text-only sequence [caption tokens]:
+captioning logits come from the first kind (loss on caption tokens only), the text embedding from the
+last token of the second. Packed attention keeps all 2N sequences apart, so this equals two passes.
+
+ZeRO-3: every submodule runs every step in the same order, also on an empty micro-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from plait.data.batch import PackedBatch
+from plait.trainer.model.config import ModelConfig
+from plait.trainer.model.encoder import Encoder
+from plait.trainer.model.llm import PackedCausalLM
+from plait.trainer.model.mome import RoutingContext
+from plait.trainer.model.resampler import Resampler, concat_segments_index
+from plait.trainer.model.routing import RouterOutput
+
+TEXT = 0
+"""Token modality code of text (routing.TOKEN_MODALITIES)."""
+
+
+@dataclass
+class ModelOutput:
+    """What the losses and metrics need from one forward pass."""
+
+    media_embeds: torch.Tensor
+    """[N, embed_dim] media embeddings (projected, not normalised)."""
+    text_embeds: torch.Tensor
+    """[N, embed_dim] caption embeddings: last caption token of the text-only pass, projected, not normalised."""
+    caption_logits: torch.Tensor
+    """[M, V] logits predicting each caption token (M = all caption tokens; the first from the last latent)."""
+    caption_targets: torch.Tensor
+    """[M] int64 caption token ids the logits predict."""
+    router_outputs: list[RouterOutput] = field(default_factory=list)
+    """One per MoME layer run in this pass (encoder layers first, then LLM layers)."""
+    counters: dict[str, int] = field(default_factory=dict)
+    """`encoder_tokens`, `llm_tokens`, `dropped_assignments` (capacity drops over all MoME layers)."""
+
+
+@dataclass
+class LLMPacking:
+    """Where things sit in the LLM's packed row."""
+
+    cu_seqlens: torch.Tensor
+    """[2N+1] offsets of the N captioning then N text-only sequences."""
+    caption_positions: torch.Tensor
+    """[Tc] row of each caption token in the captioning sequences."""
+    text_last: torch.Tensor
+    """[N] row of the last token of each text-only sequence."""
+    index: torch.Tensor
+    """Row order: `row = cat([latents, captions, captions])[index]`."""
+
+
+def pack_llm_inputs(num_samples: int, num_latents: int, caption_cu: torch.Tensor) -> LLMPacking:
+    """Layout of [latents_i ; caption_i] for all i, followed by [caption_i] for all i."""
+    caption_cu = caption_cu.long()
+    latent_cu = torch.arange(num_samples + 1, device=caption_cu.device) * num_latents
+    index, captioning_cu = concat_segments_index(latent_cu, caption_cu)
+    captioned = int(captioning_cu[-1])
+    total_captions = int(caption_cu[-1])
+    inverse = torch.empty_like(index)
+    inverse[index] = torch.arange(index.numel(), device=index.device)
+    caption_positions = inverse[num_samples * num_latents :]
+    text_rows = torch.arange(total_captions, device=index.device) + index.numel()
+    return LLMPacking(
+        cu_seqlens=torch.cat([captioning_cu, caption_cu[1:] + captioned]),
+        caption_positions=caption_positions,
+        text_last=caption_cu[1:] - 1 + captioned,
+        index=torch.cat([index, text_rows]),
+    )
+
+
+class MultimodalModel(nn.Module):
+    """encoder (media tokens) -> resampler (K latents/sample) -> llm (captioning + text embedding)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.routing = RoutingContext()
+        backend = cfg.attention_backend
+        self.encoder = Encoder(cfg.encoder, cfg.mome, self.routing, backend)
+        self.llm = PackedCausalLM(cfg.llm, cfg.mome, cfg.embed_dim, self.routing, backend)
+        self.resampler = Resampler(cfg.resampler, cfg.encoder.dim, self.llm.hidden_size, cfg.embed_dim, backend)
+
+    def forward(self, batch: PackedBatch) -> ModelOutput:
+        """One packed micro-batch (possibly empty) -> embeddings, caption logits/targets, routing."""
+        with self.routing.record() as router_outputs:
+            encoded = self.encoder(batch)
+            n = batch.num_samples
+            resampled = self.resampler(encoded.tokens, encoded.seg, n)
+            caption_ids = batch.caption_ids.to(encoded.seg.device)
+            captions = self.llm.embed(caption_ids)
+            k = self.cfg.resampler.num_latents
+            packing = pack_llm_inputs(n, k, batch.caption_cu_seqlens.to(caption_ids.device))
+            latents = resampled.latents.reshape(n * k, captions.shape[1]).to(captions.dtype)
+            row = torch.cat([latents, captions, captions])[packing.index]
+            media_codes = (batch.modality.to(caption_ids.device) + 1).repeat_interleave(k)
+            text_codes = torch.full_like(caption_ids, TEXT)
+            modality = torch.cat([media_codes, text_codes, text_codes])[packing.index]
+            max_seqlen = int((packing.cu_seqlens[1:] - packing.cu_seqlens[:-1]).max()) if n else 0
+            hidden = self.llm(row, packing.cu_seqlens, max_seqlen, modality)
+            caption_logits = self.llm.logits(hidden[packing.caption_positions - 1])
+            text_embeds = self.llm.text_projection(hidden[packing.text_last])
+        counters = {
+            "encoder_tokens": int(encoded.tokens.shape[0]),
+            "llm_tokens": int(row.shape[0]),
+            "dropped_assignments": sum(r.dropped for r in router_outputs),
+        }
+        return ModelOutput(resampled.media_embeds, text_embeds, caption_logits, caption_ids,
+                           list(router_outputs), counters)
+
