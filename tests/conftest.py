@@ -12,6 +12,7 @@ import pytest
 from plait.data.demo import DemoSpec, write_demo
 from plait.data.indexer import index_dataset
 
+# Processes the tests start (CLI runs, ranks) share 2 cores: one thread each keeps them from thrashing.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 

@@ -66,7 +66,8 @@ def test_sequences_never_attend_to_each_other(attn):
     moved = embeds.clone()
     moved[:7] += 1.0
     out = llm(moved, cu, 12, modality)
-    assert torch.equal(out[7:], base[7:]) and not torch.allclose(out[:7], base[:7])
+    # Not bitwise: other sequences change the expert group sizes, and so the BLAS blocking, of these rows.
+    assert torch.allclose(out[7:], base[7:], rtol=0, atol=1e-5) and (out[:7] - base[:7]).abs().max() > 1e-2
 
 
 def test_mome_layer_replaces_the_chosen_mlp_and_routes_by_modality():
