@@ -15,18 +15,6 @@ from plait.trainer.curriculum import CurriculumConfig
 from plait.trainer.losses.config import LossConfig
 from plait.trainer.model.config import ModelConfig
 
-PROB_TOLERANCE = 1e-6
-
-
-def check_probabilities(name: str, probs: dict) -> None:
-    """Raise ValueError naming `name` unless `probs` are non-negative and sum to 1."""
-    if any(p < 0 for p in probs.values()):
-        raise ValueError(f"{name}: probabilities must be non-negative, got {probs}")
-    total = sum(probs.values())
-    if probs and abs(total - 1.0) > PROB_TOLERANCE:
-        raise ValueError(f"{name}: probabilities sum to {total:g}, expected 1")
-
-
 def check_positive(**values: float) -> None:
     """Raise ValueError naming the first value that is not > 0."""
     for name, value in values.items():
@@ -57,8 +45,6 @@ class DataConfig:
     """Shard URLs: a path, glob, brace range (`shard-{000..127}.tar`) or `pipe:` command; empty = demo data."""
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
     """The built-in demo dataset used when `shards` is empty."""
-    mix: dict[str, float] = field(default_factory=lambda: {"image": 0.4, "audio": 0.3, "video": 0.3})
-    """Sampling weight of each modality; must sum to 1."""
     eval_fraction: float = 0.1
     """Fraction of groups held out for evaluation (split by group id, so no leakage)."""
     workers: int = 2
@@ -73,10 +59,6 @@ class DataConfig:
     """Packing of samples into per-rank micro-batches."""
 
     def __post_init__(self) -> None:
-        check_probabilities("mix", self.mix)
-        unknown = set(self.mix) - {"image", "audio", "video"}
-        if unknown:
-            raise ValueError(f"mix: unknown modality {sorted(unknown)}, expected image, audio or video")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
         if self.workers < 0:
