@@ -19,6 +19,7 @@ import soundfile
 import torch
 import torch.nn.functional as F
 
+from plait.data.checks import check_at_least, check_positive
 from plait.data.decode_errors import DecodeError
 
 _SHORT_READ_TOLERANCE = 0.05  # MP3 frame counts are estimates; a file more than 5% short was cut off
@@ -55,14 +56,11 @@ class LogMelConfig:
     """Resampling cutoff as a fraction of the lower Nyquist frequency (leaves room for the transition band)."""
 
     def __post_init__(self) -> None:
-        for name in ("sample_rate", "n_mels", "n_fft", "hop_length", "resample_zero_crossings"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        check_at_least(self, 1, "sample_rate", "n_mels", "n_fft", "hop_length", "resample_zero_crossings")
         nyquist = self.sample_rate / 2
         if not 0 <= self.f_min < (self.f_max or nyquist) <= nyquist:
             raise ValueError(f"f_min: need 0 <= f_min < f_max <= {nyquist}, got {self.f_min}, {self.f_max}")
-        if self.dynamic_range <= 0:
-            raise ValueError(f"dynamic_range: must be > 0, got {self.dynamic_range}")
+        check_positive(self, "dynamic_range")
         if not 0 < self.resample_rolloff <= 1:
             raise ValueError(f"resample_rolloff: must be in (0, 1], got {self.resample_rolloff}")
 
@@ -83,9 +81,7 @@ class SpecAugmentConfig:
     """Cap on one time mask as a fraction of the clip, so short clips keep most of their content."""
 
     def __post_init__(self) -> None:
-        for name in ("freq_masks", "freq_width", "time_masks", "time_width"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        check_at_least(self, 0, "freq_masks", "freq_width", "time_masks", "time_width")
         if not 0 <= self.time_fraction <= 1:
             raise ValueError(f"time_fraction: must be in [0, 1], got {self.time_fraction}")
 

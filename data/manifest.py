@@ -74,19 +74,21 @@ def sample_row(shard: str, sample: ScannedSample) -> dict:
         member = sample.members.get(ext)
         if member is not None:
             row[f"{ext}_offset"], row[f"{ext}_size"] = member.data_offset, member.size
-    media = [(ext, m) for ext, m in sample.members.items() if modality_of(ext.rsplit(".", 1)[-1])]
+    # `seg.jpg` style multi-dot extensions are typed by their last part.
+    media = [(ext, ext.rsplit(".", 1)[-1], m) for ext, m in sample.members.items()
+             if modality_of(ext.rsplit(".", 1)[-1])]
     problems = list(sample.problems)
     if not media:
         problems.append("no media member (expected jpg/png/webp, mp4/webm or flac/wav/mp3)")
     elif len(media) > 1:
-        problems.append(f"several media members: {', '.join(e for e, _ in media)}")
+        problems.append(f"several media members: {', '.join(e for e, _, _ in media)}")
     else:
-        ext, member = media[0]
+        ext, kind, member = media[0]
         row.update(media_ext=ext, media_offset=member.data_offset, media_size=member.size,
-                   modality=modality_of(ext.rsplit(".", 1)[-1]))
+                   modality=modality_of(kind))
         if member.data is not None:
             try:
-                row.update(probe(ext.rsplit(".", 1)[-1], member.data))
+                row.update(probe(kind, member.data))
             except ValueError as err:
                 problems.append(str(err))
     if not caption:

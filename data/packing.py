@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from plait.data.batch import MODALITIES, STREAM_OF_MODALITY, PackedBatch, PackedStream
+from plait.data.checks import check_at_least
 from plait.data.token_drop import kept_mask
 
 STREAMS = ("vision", "audio")
@@ -39,11 +40,8 @@ class PackingConfig:
     """`multiple` padding granularity (1 = no padding)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens", "window", "pad_multiple"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.max_samples_per_sequence < 0:
-            raise ValueError(f"max_samples_per_sequence: must be >= 0, got {self.max_samples_per_sequence}")
+        check_at_least(self, 1, "max_tokens", "window", "pad_multiple")
+        check_at_least(self, 0, "max_samples_per_sequence")
 
 
 @dataclass

@@ -18,6 +18,7 @@ import numpy as np
 from scipy.special import ndtr, ndtri
 
 from plait.data.batch import MODALITIES
+from plait.data.checks import check_at_least, check_positive
 from plait.data.token_drop import TokenDropConfig, drop_rates, kept_counts
 
 IMAGE, AUDIO, VIDEO = (MODALITIES.index(m) for m in ("image", "audio", "video"))
@@ -67,22 +68,15 @@ class SizingConfig:
     """Longer audio is cropped to a window of this length."""
 
     def __post_init__(self) -> None:
-        for name in ("patch_size", "temporal_patch", "min_side_patches", "max_sample_tokens",
-                     "video_side_px", "video_max_frames", "n_mels", "audio_patch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        check_at_least(self, 1, "patch_size", "temporal_patch", "min_side_patches", "max_sample_tokens",
+                       "video_side_px", "video_max_frames", "n_mels", "audio_patch")
         if self.max_side_patches < self.min_side_patches:
             raise ValueError(f"max_side_patches: {self.max_side_patches} is below "
                              f"min_side_patches {self.min_side_patches}")
-        if self.side_std <= 0:
-            raise ValueError(f"side_std: must be > 0, got {self.side_std}")
+        check_positive(self, "side_std", "hop_ms", "max_audio_seconds")
         if self.n_mels % self.audio_patch:
             raise ValueError(f"audio_patch: must divide n_mels={self.n_mels}, got {self.audio_patch}")
-        for name in ("hop_ms", "max_audio_seconds"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
-        if self.video_sample_fps < 0:
-            raise ValueError(f"video_sample_fps: must be >= 0, got {self.video_sample_fps}")
+        check_at_least(self, 0, "video_sample_fps")
         if self.video_max_frames < self.temporal_patch:
             raise ValueError(f"video_max_frames: must be >= temporal_patch={self.temporal_patch}")
 

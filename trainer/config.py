@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from plait.data.checks import check_at_least, check_positive
 from plait.data.packing import PackingConfig
 from plait.data.shardlist import expand_urls, is_remote
 from plait.data.sizing import SizingConfig
@@ -14,13 +15,6 @@ from plait.trainer.config_loader import ConfigError, apply_overrides, build, rea
 from plait.trainer.curriculum import CurriculumConfig
 from plait.trainer.losses.config import LossConfig
 from plait.trainer.model.config import ModelConfig
-
-def check_positive(**values: float) -> None:
-    """Raise ValueError naming the first value that is not > 0."""
-    for name, value in values.items():
-        if value <= 0:
-            raise ValueError(f"{name}: must be > 0, got {value}")
-
 
 @dataclass
 class DemoDataConfig:
@@ -34,7 +28,7 @@ class DemoDataConfig:
     """Samples per demo tar shard."""
 
     def __post_init__(self) -> None:
-        check_positive(samples=self.samples, samples_per_shard=self.samples_per_shard)
+        check_positive(self, "samples", "samples_per_shard")
 
 
 @dataclass
@@ -61,9 +55,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
-        if self.workers < 0:
-            raise ValueError(f"workers: must be >= 0, got {self.workers}")
-        check_positive(max_consecutive_failures=self.max_consecutive_failures)
+        check_at_least(self, 0, "workers")
+        check_positive(self, "max_consecutive_failures")
         if self.shards:
             urls = expand_urls(self.shards)
             missing = [u for u in urls if not is_remote(u) and not os.path.exists(u)]
@@ -93,11 +86,10 @@ class OptimConfig:
     """Peak LR per parameter group (encoder, resampler, llm, routers); missing groups use `lr`."""
 
     def __post_init__(self) -> None:
-        check_positive(lr=self.lr)
+        check_positive(self, "lr")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas: expected two values in [0, 1), got {self.betas}")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("warmup_steps: warmup_steps, weight_decay and grad_clip must be >= 0")
+        check_at_least(self, 0, "warmup_steps", "weight_decay", "grad_clip")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         for name, value in self.group_lr.items():
@@ -123,7 +115,7 @@ class DeepSpeedConfig:
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
-        check_positive(gradient_accumulation_steps=self.gradient_accumulation_steps)
+        check_positive(self, "gradient_accumulation_steps")
         if self.config_file and not os.path.isfile(self.config_file):
             raise ValueError(f"config_file: no such file {self.config_file!r}")
 
@@ -140,8 +132,7 @@ class CheckpointConfig:
     """Resume from the run directory's latest checkpoint when there is one."""
 
     def __post_init__(self) -> None:
-        if self.every < 0 or self.keep < 0:
-            raise ValueError("every: every and keep must be >= 0")
+        check_at_least(self, 0, "every", "keep")
 
 
 @dataclass
@@ -156,7 +147,7 @@ class TrackingConfig:
     """Send batched metrics every N steps."""
 
     def __post_init__(self) -> None:
-        check_positive(log_every=self.log_every)
+        check_positive(self, "log_every")
 
 
 @dataclass
@@ -169,9 +160,8 @@ class EvalConfig:
     """Held-out samples per modality used for retrieval R@k."""
 
     def __post_init__(self) -> None:
-        if self.every < 0:
-            raise ValueError(f"every: must be >= 0, got {self.every}")
-        check_positive(max_samples=self.max_samples)
+        check_at_least(self, 0, "every")
+        check_positive(self, "max_samples")
 
 
 @dataclass
@@ -204,7 +194,7 @@ class RunConfig:
     """Evaluation."""
 
     def __post_init__(self) -> None:
-        check_positive(steps=self.steps)
+        check_positive(self, "steps")
         self._check_patch_sizes()
 
     def _check_patch_sizes(self) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from plait.data.checks import check_at_least, check_positive
+
 WEIGHT_NAMES = ("contrastive", "caption", "balance", "z", "entropy_local", "entropy_global")
 """Loss components that carry a weight in the total."""
 
@@ -27,14 +29,12 @@ class ContrastiveConfig:
     """Candidates scored per chunk by the chunked InfoNCE (bounds memory to [B, chunk_size])."""
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.init_temperature:
-            raise ValueError(f"init_temperature: must be > 0, got {self.init_temperature}")
+        check_positive(self, "init_temperature")
         if self.max_logit_scale < 1.0 / self.init_temperature:
             raise ValueError(f"max_logit_scale: {self.max_logit_scale} is below 1 / init_temperature")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size: must be >= 1, got {self.chunk_size}")
+        check_at_least(self, 1, "chunk_size")
 
 
 @dataclass
@@ -51,8 +51,7 @@ class QueueConfig:
     """EMA decay of the momentum encoder."""
 
     def __post_init__(self) -> None:
-        if self.size < 0:
-            raise ValueError(f"size: must be >= 0, got {self.size}")
+        check_at_least(self, 0, "size")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum: must be in [0, 1), got {self.momentum}")
 
@@ -69,8 +68,7 @@ class HardNegativeConfig:
     """Seed of the random negatives (combined with step, rank, pair and direction)."""
 
     def __post_init__(self) -> None:
-        if self.num_negatives < 0:
-            raise ValueError(f"num_negatives: must be >= 0, got {self.num_negatives}")
+        check_at_least(self, 0, "num_negatives")
         if not 0.0 <= self.hard_fraction <= 1.0:
             raise ValueError(f"hard_fraction: must be in [0, 1], got {self.hard_fraction}")
 

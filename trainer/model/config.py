@@ -8,12 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-
-def _check_positive(obj: object, *names: str) -> None:
-    """Raise `ValueError("<name>: ...")` for the first named field that is not a positive number."""
-    for name in names:
-        if getattr(obj, name) <= 0:
-            raise ValueError(f"{name}: must be positive, got {getattr(obj, name)}")
+from plait.data.checks import check_positive
 
 
 def _check_layers(layers: list[int], depth: Optional[int]) -> None:
@@ -48,7 +43,7 @@ class MoMEConfig:
     """Standard deviation of fresh expert and router weights."""
 
     def __post_init__(self) -> None:
-        _check_positive(self, "num_experts", "top_k", "init_std")
+        check_positive(self, "num_experts", "top_k", "init_std")
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k: {self.top_k} exceeds num_experts {self.num_experts}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
@@ -85,7 +80,7 @@ class EncoderConfig:
     """LayerNorm epsilon."""
 
     def __post_init__(self) -> None:
-        _check_positive(self, "dim", "depth", "num_heads", "ffn_hidden", "vision_patch_size",
+        check_positive(self, "dim", "depth", "num_heads", "ffn_hidden", "vision_patch_size",
                         "temporal_patch_size", "audio_patch_size", "norm_eps")
         if self.dim % self.num_heads:
             raise ValueError(f"num_heads: {self.num_heads} does not divide dim {self.dim}")
@@ -124,7 +119,7 @@ class ResamplerConfig:
     """LayerNorm epsilon."""
 
     def __post_init__(self) -> None:
-        _check_positive(self, "dim", "depth", "num_latents", "num_heads", "ffn_hidden", "norm_eps")
+        check_positive(self, "dim", "depth", "num_latents", "num_heads", "ffn_hidden", "norm_eps")
         if self.dim % self.num_heads:
             raise ValueError(f"num_heads: {self.num_heads} does not divide dim {self.dim}")
 
@@ -184,4 +179,4 @@ class ModelConfig:
     """Varlen attention path of the encoder, resampler and `plait_varlen` LLM attention."""
 
     def __post_init__(self) -> None:
-        _check_positive(self, "embed_dim")
+        check_positive(self, "embed_dim")
