@@ -175,7 +175,7 @@ def _segment_starts(seg: torch.Tensor, t: torch.Tensor, frame_segments: bool) ->
     return torch.cat([torch.zeros(1, dtype=torch.long), starts]) if len(seg) else starts
 
 
-def _padded_length(num_tokens: int, cfg: PackingConfig) -> int:
+def padded_length(num_tokens: int, cfg: PackingConfig) -> int:
     """Stream length after tail padding."""
     if cfg.tail_padding == "max_tokens":
         if num_tokens > cfg.max_tokens:
@@ -201,7 +201,7 @@ def build_stream(samples: Sequence[PatchedSample], indices: Sequence[int],
     starts = _segment_starts(seg, coords[:, 0], cfg.video_frame_segments)
     num_tokens = len(seg)
     cu_seqlens = torch.cat([starts, torch.tensor([num_tokens])]).to(torch.int32)
-    padding = _padded_length(num_tokens, cfg) - num_tokens
+    padding = padded_length(num_tokens, cfg) - num_tokens
     stream = PackedStream(
         patches=torch.cat([patches, patches.new_zeros(padding, patches.shape[1])]),
         coords=torch.cat([coords, coords.new_zeros(padding, 3)]),

@@ -4,7 +4,8 @@ One direction of a contrastive loss: each query row scores every candidate (the 
 [N, D], then the `queue` [Q, D]) and takes a soft-target cross-entropy over the valid ones.
 `infonce_chunked` never holds the [B, N + Q] logits: the forward keeps an online logsumexp
 and the custom backward recomputes each chunk. `infonce_reference` materialises everything
-and is the autograd reference the chunked path is tested against.
+and is the autograd reference the chunked path is tested against. On CUDA, when triton is importable,
+`infonce_chunked` runs the Triton kernels of `kernels.triton_infonce` instead (same results).
 
 Candidate classes for query i and candidate j (ids come from `MatchIds`, -1 matches nothing):
 own positive (j == positive_index[i]) -> positive; sharing an `exclude` id -> excluded;
@@ -17,9 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
+
+from plait.kernels.fused import log_choice_once, use_triton
 
 NEG_STATS = ("count", "sum", "sum_sq", "max")
 """Columns of the per-row negative-similarity statistics (raw dot products, not scaled)."""
@@ -220,12 +224,22 @@ def infonce_chunked(
     negatives: Tensor | None = None,
     label_smoothing: float = 0.0,
     chunk_size: int = 4096,
+    backend: Literal["auto", "torch", "triton"] = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Per-row InfoNCE losses [B] and negative-similarity stats [B, 4] without [B, N+Q] logits.
 
     `positive_index` [B] indexes each query's own positive in `keys`; `negatives` [B, K]
     (indices into [keys; queue], -1 = none) restricts the negatives; `scale` is a 0-dim tensor.
+    `backend`: `auto` is Triton on CUDA when triton is importable, this torch code otherwise.
     """
+    triton = backend == "triton" or (backend == "auto" and use_triton(query))
+    log_choice_once("chunked infonce", "triton" if triton else "torch", query.device.type)
+    if triton:
+        from plait.kernels.triton_infonce import infonce_triton
+
+        return infonce_triton(
+            query, keys, queue, scale, positive_index, exclude, share, negatives, label_smoothing, chunk_size
+        )
     scale = torch.as_tensor(scale, dtype=query.dtype, device=query.device)
     return _ChunkedInfoNCE.apply(
         query, keys, queue, scale, positive_index, exclude, share, negatives, label_smoothing, chunk_size

@@ -4,14 +4,23 @@ its contiguous block, and scatter the results back weighted by the gates. A plai
 Capacity (when set) keeps, for every expert, first all first-choice assignments in token order, then the
 second choices, and so on (so a token's top choice is the last to be dropped); assignments beyond the
 capacity are dropped and counted. A dropped assignment contributes nothing to its token's output.
+
+`permute` / `combine` take the Triton kernels of `kernels.triton_moe` when triton is importable and the
+tensors are on CUDA (`backend="auto"`), the torch code here otherwise.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+
+from plait.kernels.fused import log_choice_once, use_triton
+
+KernelBackend = Literal["auto", "torch", "triton"]
+"""`auto`: Triton on CUDA when triton is importable, torch otherwise; `triton` forces it (tests: TRITON_INTERPRET=1)."""
 
 
 @dataclass
@@ -55,8 +64,30 @@ def dispatch(
     return ExpertDispatch(token_index[keep], gate[keep], kept, counts.sum() - kept.sum())
 
 
-def combine(expert_out: torch.Tensor, plan: ExpertDispatch, num_tokens: int) -> torch.Tensor:
+def _triton_selected(backend: KernelBackend, x: torch.Tensor) -> bool:
+    """Resolve `backend` for tensors like `x`, logging the choice once."""
+    triton = backend == "triton" or (backend == "auto" and use_triton(x))
+    log_choice_once("moe permute/combine", "triton" if triton else "torch", x.device.type)
+    return triton
+
+
+def permute(x: torch.Tensor, plan: ExpertDispatch, backend: KernelBackend = "auto") -> torch.Tensor:
+    """Token rows in expert-grouped assignment order: `[T, D]` -> `[A, D]` (`x[plan.token_index]`)."""
+    if _triton_selected(backend, x):
+        from plait.kernels import triton_moe
+
+        return triton_moe.permute(x, plan)
+    return x[plan.token_index]
+
+
+def combine(
+    expert_out: torch.Tensor, plan: ExpertDispatch, num_tokens: int, backend: KernelBackend = "auto"
+) -> torch.Tensor:
     """Sum each token's expert outputs weighted by their gates: `[A, D]` grouped rows -> `[T, D]`."""
+    if _triton_selected(backend, expert_out):
+        from plait.kernels import triton_moe
+
+        return triton_moe.combine(expert_out, plan, num_tokens)
     weighted = expert_out * plan.gate[:, None].to(expert_out.dtype)
     out = expert_out.new_zeros((num_tokens, expert_out.shape[1]))
     return out.index_add(0, plan.token_index, weighted)

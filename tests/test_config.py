@@ -33,10 +33,10 @@ def test_defaults_work_and_every_field_is_documented() -> None:
 
 def test_yaml_and_overrides(tmp_path) -> None:
     path = tmp_path / "run.yaml"
-    path.write_text("steps: 7\noptim:\n  lr: 3.0e-4\ndata:\n  eval_fraction: 0.2\n")
+    path.write_text("steps: 7\noptim:\n  lr: 3.0e-4\ndata:\n  plan: {eval_fraction: 0.2}\n")
     config = load_config(path, ["optim.warmup_steps=3", "deepspeed.zero_stage=3"])
     assert config.steps == 7 and config.optim.lr == 3e-4 and config.optim.warmup_steps == 3
-    assert config.deepspeed.zero_stage == 3 and config.data.eval_fraction == 0.2
+    assert config.deepspeed.zero_stage == 3 and config.data.plan.eval_fraction == 0.2
 
 
 @pytest.mark.parametrize("text, field, words", [
@@ -60,10 +60,10 @@ def test_bad_values_name_file_and_field(tmp_path, text: str, field: str, words: 
 
 def test_cli_exits_2_before_any_work(tmp_path) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text("data: {eval_fraction: 2.0}\n")
+    path.write_text("data: {plan: {eval_fraction: 2.0}}\n")
     proc = run_plait("config", "show", str(path), check=False)
     assert proc.returncode == 2
-    assert "data.eval_fraction" in proc.stderr and str(path) in proc.stderr and proc.stdout == ""
+    assert "data.plan.eval_fraction" in proc.stderr and str(path) in proc.stderr and proc.stdout == ""
 
 
 def test_config_show_prints_resolved_values(tmp_path) -> None:

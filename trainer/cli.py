@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from plait.trainer.config_loader import ConfigError
+from plait.trainer.data_walk import add_parser as add_data_walk
 
 EXIT_BAD_INPUT = 2
 
@@ -136,6 +137,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     index.add_argument("--workers", type=int, default=0, help="processes (0: one per core)")
     index.set_defaults(func=_cmd_shards_index)
 
+    add_data_walk(sub)
     _add_bench(sub, argv)
     return parser
 

@@ -8,6 +8,7 @@ from typing import Literal
 
 from plait.data.checks import check_at_least, check_positive
 from plait.data.packing import PackingConfig
+from plait.data.plan import PlanConfig
 from plait.data.shardlist import expand_urls, is_remote
 from plait.data.sizing import SizingConfig
 from plait.data.token_drop import TokenDropConfig
@@ -39,8 +40,6 @@ class DataConfig:
     """Shard URLs: a path, glob, brace range (`shard-{000..127}.tar`) or `pipe:` command; empty = demo data."""
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
     """The built-in demo dataset used when `shards` is empty."""
-    eval_fraction: float = 0.1
-    """Fraction of groups held out for evaluation (split by group id, so no leakage)."""
     workers: int = 2
     """DataLoader worker processes per rank (never changes which samples a rank sees)."""
     max_consecutive_failures: int = 100
@@ -51,10 +50,10 @@ class DataConfig:
     """Random token dropping."""
     packing: PackingConfig = field(default_factory=PackingConfig)
     """Packing of samples into per-rank micro-batches."""
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    """Epoch order, planning windows and the held-out split."""
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
         check_at_least(self, 0, "workers")
         check_positive(self, "max_consecutive_failures")
         if self.shards:

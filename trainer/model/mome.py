@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from plait.kernels.moe import combine, dispatch, expert_capacity, ffn_rows, grouped_ffn
+from plait.kernels.moe import combine, dispatch, expert_capacity, ffn_rows, grouped_ffn, permute
 from plait.trainer.model.config import MoMEConfig
 from plait.trainer.model.routing import TOKEN_MODALITIES, RouterOutput
 
@@ -142,7 +142,7 @@ class MoMELayer(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True)
         capacity = expert_capacity(x.shape[0], self.cfg.top_k, self.cfg.num_experts, self.cfg.capacity_factor)
         plan = dispatch(experts, weights.to(x.dtype), self.cfg.num_experts, capacity)
-        routed = grouped_ffn(x[plan.token_index], plan.counts, self.w_in, self.w_out, self.activation, self.gated)
+        routed = grouped_ffn(permute(x, plan), plan.counts, self.w_in, self.w_out, self.activation, self.gated)
         out = combine(routed, plan, x.shape[0])
         if self.shared_w_in is not None:
             out = out + ffn_rows(x, self.shared_w_in, self.shared_w_out, self.activation, self.gated)

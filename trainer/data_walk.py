@@ -1,0 +1,127 @@
+"""`plait data walk CONFIG --world-size W (--steps N | --epochs E)`: what a run would feed each rank, without training.
+
+Prints one JSON line per (step, rank) — {"epoch", "step", "rank", "keys", "tokens", "padding", "skipped",
+"mix"} — then a summary as the final line. `--state-out` saves the plan state after the walk and
+`--state-in` resumes from one (at any world size), exactly as a training run resumes its loader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from plait.data.batch import MODALITIES
+from plait.data.dataset_index import DatasetIndex
+from plait.data.manifest import INDEX_NAME
+from plait.data.plan import AgreeMax, PlanConfig, RankStep, SamplePlan, ValuesAt
+from plait.data.plan_types import MicroBatchPlan
+from plait.trainer.config import RunConfig, load_config
+from plait.trainer.console import emit_result
+from plait.trainer.curriculum import Curriculum
+
+Decoder = Callable[[MicroBatchPlan], dict[str, int]]
+"""Reads and decodes a planned micro-batch; returns skipped-sample counts by reason (the `--decode` hook)."""
+
+
+def dataset_for(cfg: RunConfig) -> DatasetIndex:
+    """The run's indexed dataset: `data.shards`, or the demo data (written and indexed on first use)."""
+    if cfg.data.shards:
+        return DatasetIndex.from_spec(cfg.data.shards)
+    out = Path(cfg.data.demo.out)
+    if not (out / INDEX_NAME).exists():
+        from plait.data.demo import DemoSpec, write_demo
+        from plait.data.indexer import index_dataset
+
+        write_demo(out, DemoSpec(samples=cfg.data.demo.samples, samples_per_shard=cfg.data.demo.samples_per_shard))
+        index_dataset(str(out), out=out, workers=1)
+    return DatasetIndex(out)
+
+
+def curriculum_values(cfg: RunConfig) -> ValuesAt:
+    """step → (resolution, token drop rate, mix) from the run's curriculum."""
+    curriculum = Curriculum(cfg.curriculum)
+
+    def values_at(step: int) -> tuple[dict[int, float], float, dict[str, float]]:
+        values = curriculum.at(step)
+        return values.resolution, values.token_drop_rate, values.mix
+
+    return values_at
+
+
+def build_plan(cfg: RunConfig, world_size: int, ranks: list[int] | None = None, plan_cfg: PlanConfig | None = None,
+               agree: AgreeMax | None = None) -> SamplePlan:
+    """The sample plan of a run for `ranks` (default all) of `world_size` ranks."""
+    return SamplePlan(dataset_for(cfg), seed=cfg.seed, sizing=cfg.data.sizing, token_drop=cfg.data.token_drop,
+                      packing=cfg.data.packing, values_at=curriculum_values(cfg), world_size=world_size,
+                      ranks=ranks, config=plan_cfg or cfg.data.plan, agree=agree, fingerprint_extra=cfg.curriculum.fingerprint())
+
+
+def step_record(step: RankStep, skipped: dict[str, int]) -> dict:
+    """The JSON line of one (step, rank)."""
+    plan = step.plan
+    return {"epoch": plan.epoch, "step": plan.step, "rank": plan.rank, "keys": [s.key for s in plan.samples],
+            "tokens": plan.tokens, "padding": step.padding, "skipped": skipped, "mix": step.mix}
+
+
+def walk(plan: SamplePlan, steps: int | None = None, epochs: int | None = None,
+         decode: Decoder | None = None) -> dict:
+    """Walk `steps` steps or to the end of `epochs` epochs, printing a JSON line per (step, rank); returns a summary."""
+    if (steps is None) == (epochs is None):
+        raise ValueError("steps, epochs: give exactly one")
+    stop_epoch = plan.upcoming_epoch() + epochs if epochs is not None else None
+    walked, samples = 0, 0
+    mix = dict.fromkeys(MODALITIES, 0)
+    while (steps is not None and walked < steps) or (stop_epoch is not None and plan.upcoming_epoch() < stop_epoch):
+        for rank_step in plan.next_step():
+            skipped = dict(rank_step.skipped)
+            for reason, count in (decode(rank_step.plan) if decode else {}).items():
+                skipped[reason] = skipped.get(reason, 0) + count
+            sys.stdout.write(json.dumps(step_record(rank_step, skipped)) + "\n")
+            samples += len(rank_step.plan.samples)
+            for name, count in rank_step.mix.items():
+                mix[name] += count
+        walked += 1
+    sys.stdout.flush()
+    total = max(samples, 1)
+    return {"world_size": plan.world_size, "steps": walked, "samples": samples, "epoch": plan.state.epoch,
+            "next_step": plan.state.step, "mix": {m: round(c / total, 4) for m, c in mix.items()},
+            "state_bytes": plan.state.nbytes()}
+
+
+def make_decoder(cfg: RunConfig) -> Decoder:
+    """The `--decode` hook: the loader wires its reader in here (read, decode, pack; count skipped samples)."""
+    raise ValueError("--decode: the loader's decoder is not wired into `plait data walk` yet")
+
+
+def _cmd_walk(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.set)
+    plan = build_plan(cfg, args.world_size, plan_cfg=dataclasses.replace(cfg.data.plan, split=args.split))
+    if args.state_in:
+        plan.load_state_dict(json.loads(Path(args.state_in).read_text()))
+    decode = make_decoder(cfg) if args.decode else None
+    summary = walk(plan, steps=args.steps, epochs=args.epochs, decode=decode)
+    if args.state_out:
+        Path(args.state_out).write_text(json.dumps(plan.state_dict()))
+        summary["state_out"] = args.state_out
+    emit_result(summary)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `plait data walk`."""
+    data = subparsers.add_parser("data", help="inspect the data plane").add_subparsers(dest="what", required=True)
+    parser = data.add_parser("walk", help="print what each rank would be fed at each step, without training")
+    parser.add_argument("config", help="run config YAML")
+    parser.add_argument("--world-size", type=int, required=True, help="data-parallel ranks to plan for")
+    until = parser.add_mutually_exclusive_group(required=True)
+    until.add_argument("--steps", type=int, default=None, help="steps to walk")
+    until.add_argument("--epochs", type=int, default=None, help="walk to the end of this many epochs")
+    parser.add_argument("--state-in", default=None, help="resume from a saved plan state (any world size)")
+    parser.add_argument("--state-out", default=None, help="save the plan state after the walk")
+    parser.add_argument("--decode", action="store_true", help="also read and decode every planned sample")
+    parser.add_argument("--split", choices=("train", "eval"), default="train", help="which group split to walk")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    parser.set_defaults(func=_cmd_walk)
