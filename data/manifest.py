@@ -44,7 +44,7 @@ def manifest_name(shard: str) -> str:
     return os.path.basename(shard.rstrip("/")) + MANIFEST_SUFFIX
 
 
-def _caption_and_group(sample: ScannedSample, key: str) -> tuple[str | None, str]:
+def caption_and_group(sample: ScannedSample, key: str) -> tuple[str | None, str]:
     """Caption from `.txt` (else the JSON's caption/text) and group from the JSON (else the key)."""
     meta: dict = {}
     for ext in META_EXTS:
@@ -67,7 +67,7 @@ def _caption_and_group(sample: ScannedSample, key: str) -> tuple[str | None, str
 
 def sample_row(shard: str, sample: ScannedSample) -> dict:
     """The manifest row of one sample; `status` is `ok` or the reason it cannot be used."""
-    caption, group = _caption_and_group(sample, sample.key)
+    caption, group = caption_and_group(sample, sample.key)
     row: dict = {"shard": shard, "key": sample.key, "group": group, "sample_offset": sample.offset,
                  "sample_size": sample.size, "caption_chars": len(caption) if caption else 0}
     for ext in TEXT_EXTS + META_EXTS:

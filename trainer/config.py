@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from plait.data.checks import check_at_least, check_positive
+from plait.data.loader import LoaderConfig
 from plait.data.packing import PackingConfig
 from plait.data.plan import PlanConfig
 from plait.data.shardlist import expand_urls, is_remote
@@ -52,6 +53,8 @@ class DataConfig:
     """Packing of samples into per-rank micro-batches."""
     plan: PlanConfig = field(default_factory=PlanConfig)
     """Epoch order, planning windows and the held-out split."""
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    """Decode-time choices (SpecAugment, caption length) and DataLoader prefetch."""
 
     def __post_init__(self) -> None:
         check_at_least(self, 0, "workers")
