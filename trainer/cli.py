@@ -11,6 +11,7 @@ from pathlib import Path
 
 from plait.trainer.config_loader import ConfigError
 from plait.trainer.data_walk import add_parser as add_data_walk
+from plait.trainer.train_command import add_parser as add_train
 
 EXIT_BAD_INPUT = 2
 
@@ -138,6 +139,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     index.set_defaults(func=_cmd_shards_index)
 
     add_data_walk(sub)
+    add_train(sub)
     _add_bench(sub, argv)
     return parser
 

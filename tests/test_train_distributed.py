@@ -1,0 +1,283 @@
+"""Two-rank DeepSpeed training (CPU, gloo, fp32): exact resume under ZeRO-2 (stopped by run length) and ZeRO-3
+(stopped by SIGTERM on one rank), the NaN guard, resume at world size 1 through a universal checkpoint, and
+SIGTERM preemption through the DeepSpeed launcher (`slow`).
+
+The tests launch this file with torchrun; run as a script (`python THIS PHASE DIR`) it is the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+HERE = Path(__file__).resolve()
+LAUNCH = HERE.parents[1] / "launch" / "train.py"
+STAGES = (2, 3)
+HALF = 2
+"""Steps before the stop; the full run is 2 * HALF."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_config() -> dict:
+    """A run config (as YAML data) with a ~0.1M-parameter model, small queues and the temperature learned."""
+    llama = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2}
+    return {
+        "seed": 3,
+        "data": {"sizing": {"patch_size": 4, "audio_patch": 4}},
+        "model": {
+            "encoder": {"dim": 32, "depth": 2, "num_heads": 4, "ffn_hidden": 48, "vision_patch_size": 4,
+                        "audio_patch_size": 4, "mome_layers": [1]},
+            "resampler": {"dim": 32, "depth": 1, "num_latents": 4, "num_heads": 4, "ffn_hidden": 48},
+            "llm": {"model_kwargs": llama, "mome_layers": [1]},
+            "mome": {"num_experts": 4, "top_k": 2},
+            "embed_dim": 16,
+        },
+        "loss": {"queue": {"size": 8}, "hard_negatives": {"num_negatives": 4}},
+        "optim": {"warmup_steps": 1, "lr": 3e-3},
+        "checkpoint": {"every": HALF, "keep": 2},
+        "tracking": {"log_every": 1},
+        "eval": {"every": 0},
+        "curriculum": {"phases": [{"start": 0, "values": {"frozen": ["encoder"], "hard_negative_ratio": 0.5}},
+                                  {"start": 1, "values": {"frozen": []}}]},
+    }
+
+
+def write_config(path: Path, **overrides) -> Path:
+    """Write the tiny config with top-level/section overrides (`deepspeed={...}`)."""
+    data = tiny_config()
+    for key, value in overrides.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _torchrun(phase: str, out: Path, nproc: int = 2) -> None:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(_free_port()), str(HERE), phase, str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def _reports(out: Path, phase: str) -> list[dict]:
+    return [json.loads((out / f"{phase}-rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.distributed
+def test_exact_resume_zero2_zero3_and_elastic_resume(tmp_path: Path):
+    _torchrun("first", tmp_path)
+    _torchrun("resume", tmp_path)
+    first, resumed = _reports(tmp_path, "first"), _reports(tmp_path, "resume")
+    for rank in range(2):
+        assert first[rank]["world_size"] == 2 and resumed[rank]["world_size"] == 2
+        for stage in STAGES:
+            full = first[rank][f"full{stage}"]
+            assert len(full) == 2 * HALF and all(math.isfinite(x) for x in full)
+            # N steps + stop + resume + N steps == 2N steps, bitwise.
+            assert first[rank][f"half{stage}"] == full[:HALF]
+            assert resumed[rank][f"resumed{stage}"] == full[HALF:], (stage, rank)
+            assert resumed[rank][f"start{stage}"] == HALF
+        # NaN on one rank: the step is skipped on both, nothing non-finite stays; M=2 in a row stops with a checkpoint.
+        assert first[rank]["nan_finite"] and first[rank]["nan_skipped"] == 1
+        assert first[rank]["stop_step"] == 3 and "2 non-finite steps in a row" in first[rank]["stop_message"]
+        assert first[rank]["stop_checkpoint"].endswith("step00000003")
+    # The ranks saw different data (otherwise equal losses would prove little).
+    assert first[0]["full2"][0] != first[1]["full2"][0]
+    # Elastic: the world-size-2 ZeRO-2 checkpoint resumes at world size 1 through a universal checkpoint.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, str(HERE), "elastic", str(tmp_path)], env={**env, "DS_ACCELERATOR": "cpu"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    elastic = json.loads((tmp_path / "elastic.json").read_text())
+    assert elastic["world_size"] == 1 and elastic["start"] == 2 * HALF and elastic["steps"] == 2 * HALF + 1
+    assert math.isfinite(elastic["loss"])
+    assert (tmp_path / "part2" / "checkpoints" / f"step{2 * HALF:08d}_universal").is_dir()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_sigterm_through_deepspeed_launcher_checkpoints_and_resumes(tmp_path: Path):
+    config = write_config(tmp_path / "run.yaml", checkpoint={"every": 0}, tracking={"log_every": 1})
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(LAUNCH), str(config), "--run-dir", str(run_dir), "--steps", "100000"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    db = run_dir / "mlflow.db"
+    deadline = time.time() + 240
+    # Wait until training is under way (metrics are logged each step), then preempt the whole job.
+    while time.time() < deadline and proc.poll() is None and not _logged_steps(db, 3):
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read()[-5000:]
+    os.killpg(proc.pid, signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    checkpoints = run_dir / "checkpoints"
+    tag = (checkpoints / "latest").read_text().strip()
+    stopped_at = int(tag.removeprefix("step"))
+    assert 3 <= stopped_at < 100000, output[-5000:]
+    assert (checkpoints / tag / "plait_meta.json").is_file(), output[-5000:]
+    # Rerunning the same command (shorter) resumes from the preemption checkpoint and finishes.
+    rerun = subprocess.run(cmd[:-1] + [str(stopped_at + 1)], env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    result = json.loads(_last_json(rerun.stdout))
+    assert result["steps"] == stopped_at + 1 and result["world_size"] == 2
+    # The resumed run continued the preempted MLflow run: one run, the checkpoint's id, now finished.
+    from mlflow.tracking import MlflowClient
+
+    from plait.trainer.export import run_state
+
+    client = MlflowClient(f"sqlite:///{db}")
+    assert result["run_id"] == run_state(checkpoints, tag)["mlflow_run_id"]
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and len(client.search_runs([run.info.experiment_id])) == 1
+    history = client.get_metric_history(result["run_id"], "loss/total")
+    assert sorted(m.step for m in history) == list(range(1, stopped_at + 2))
+
+
+def _last_json(stdout: str) -> str:
+    """The final JSON line (the DeepSpeed launcher may prefix rank output)."""
+    line = [line for line in stdout.splitlines() if "{" in line][-1]
+    return line[line.index("{"):]
+
+
+def _logged_steps(db: Path, steps: int) -> bool:
+    """Whether the run's SQLite store has a metric at step >= `steps`."""
+    import sqlite3
+
+    if not db.is_file():
+        return False
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+            row = conn.execute("select max(step) from metrics").fetchone()
+    except sqlite3.Error:
+        return False
+    return row is not None and row[0] is not None and row[0] >= steps
+
+
+def _run(config_path: Path, run_dir: Path, steps: int, stage: int, sigterm_at: int | None = None,
+         ) -> tuple[list[float], int, int]:
+    """Train (resuming if `run_dir` has a checkpoint) and return (losses, start step, world size).
+
+    With `sigterm_at`, rank 1 sends itself SIGTERM while fetching that step's batch (saves only on preemption).
+    """
+    import torch.distributed as dist
+
+    from plait.trainer.config import load_config
+    from plait.trainer.engine import init_distributed
+    from plait.trainer.train import Trainer
+
+    init_distributed()
+    extra = ["checkpoint.every=0"] if sigterm_at is not None else []
+    cfg = load_config(config_path, [f"run_dir={run_dir}", f"steps={steps}", f"deepspeed.zero_stage={stage}", *extra])
+    rank = dist.get_rank()
+    data = SignalAt(cfg.model, cfg.seed, rank, at=sigterm_at if rank == 1 else None)
+    trainer = Trainer(cfg, data=data)
+    start = trainer.step
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    assert trainer.preempted == (sigterm_at is not None)
+    return trainer.losses, start, trainer.world
+
+
+class SignalAt:
+    """Synthetic batches that deliver SIGTERM to this process when step `at` is fetched (a preemption)."""
+
+    def __init__(self, cfg, seed: int, rank: int, at: int | None) -> None:
+        from plait.trainer.data_source import SyntheticBatches
+
+        self.inner, self.at = SyntheticBatches(cfg, seed, rank), at
+
+    def batch(self, step: int, micro: int):
+        if step == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.inner.batch(step, micro)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+def _nan_guard(config_path: Path, out: Path) -> dict:
+    """Rank 1 alone gets a NaN batch at step 1: both ranks skip it; then NaN every step stops after 2 in a row."""
+    import torch
+    import torch.distributed as dist
+
+    from plait.trainer.config import load_config
+    from plait.trainer.data_source import SyntheticBatches
+    from plait.trainer.train import NonFiniteStop, Trainer
+
+    rank = dist.get_rank()
+    cfg = load_config(config_path, [f"run_dir={out / 'nan'}", "steps=3", "checkpoint.every=0"])
+    data = SyntheticBatches(cfg.model, cfg.seed, rank, nan_steps=(1,) if rank == 1 else ())
+    trainer = Trainer(cfg, data=data)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    skipped = trainer.skipped_total
+    finite = all(bool(torch.isfinite(p).all()) for p in trainer.module.parameters())
+    queues_finite = all(bool(torch.isfinite(q.media).all()) for q in trainer.module.objective.queues.queues.values())
+    cfg = load_config(config_path, [f"run_dir={out / 'nan_stop'}", "steps=10", "checkpoint.every=0"])
+    trainer = Trainer(cfg, data=SyntheticBatches(cfg.model, cfg.seed, rank, nan_steps=tuple(range(1, 10))),
+                      max_nonfinite_in_row=2)
+    stop_message = ""
+    try:
+        trainer.train()
+    except NonFiniteStop as err:
+        stop_message = str(err)
+    finally:
+        trainer.close("FAILED")
+    return {"nan_skipped": skipped, "nan_finite": finite and queues_finite,
+            "stop_message": stop_message, "stop_step": trainer.step, "stop_checkpoint": trainer.checkpoint_path}
+
+
+def _worker(phase: str, out: Path) -> None:
+    """`first`: full runs and first halves; `resume`: second halves; `elastic`: world size 1 from a 2-rank save."""
+    import deepspeed
+    import torch.distributed as dist
+
+    config = write_config(out / "run.yaml") if phase == "first" else out / "run.yaml"
+    report: dict = {}
+    for stage in STAGES:
+        if phase == "first":
+            report[f"full{stage}"], _, world = _run(config, out / f"full{stage}", 2 * HALF, stage)
+            # ZeRO-2 stops by run length, ZeRO-3 by a SIGTERM on rank 1 (both ranks must agree and save).
+            if stage == 2:
+                report[f"half{stage}"], _, _ = _run(config, out / f"part{stage}", HALF, stage)
+            else:
+                report[f"half{stage}"], _, _ = _run(config, out / f"part{stage}", 2 * HALF, stage, HALF - 1)
+        elif phase == "resume":
+            report[f"resumed{stage}"], report[f"start{stage}"], world = _run(config, out / f"part{stage}",
+                                                                             2 * HALF, stage)
+    if phase == "first":
+        report.update(_nan_guard(config, out))
+    if phase == "elastic":
+        losses, start, world = _run(config, out / "part2", 2 * HALF + 1, 2)
+        (out / "elastic.json").write_text(json.dumps({"world_size": world, "start": start, "loss": losses[-1],
+                                                      "steps": start + len(losses)}))
+    else:
+        report["world_size"] = world
+        (out / f"{phase}-rank{dist.get_rank()}.json").write_text(json.dumps(report))
+    deepspeed.comm.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], Path(sys.argv[2]))

@@ -1,0 +1,161 @@
+"""The DeepSpeed engine: one module (model + objective) wrapped by `deepspeed.initialize` with ZeRO 0-3,
+optional CPU offload, bf16 on GPU / fp32 on CPU, gradient accumulation, clipping and per-group LR.
+
+The objective lives inside the wrapped module so the learnable temperature is optimised and the negative
+queues (buffers) are saved and restored with the model by DeepSpeed's checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from plait.data.batch import PackedBatch
+from plait.trainer.config import RunConfig
+from plait.trainer.evaluate import caption_keys
+from plait.trainer.losses.config import LossConfig
+from plait.trainer.losses.objective import Objective, ObjectiveInputs
+from plait.trainer.model.config import ModelConfig
+from plait.trainer.model.mome import assignment_counts, mark_zero3_leaf_modules
+from plait.trainer.model.multimodal import MultimodalModel
+from plait.trainer.optim import build_optimizer
+
+
+@dataclass
+class TrainOutput:
+    """One micro-batch's loss to backpropagate and what gets logged."""
+
+    loss: torch.Tensor
+    """Weighted total loss (this rank's share)."""
+    components: dict[str, torch.Tensor]
+    """Detached 0-dim loss components and statistics from the objective."""
+    counters: dict[str, int]
+    """Model counters (encoder/LLM tokens, capacity drops)."""
+    expert_counts: torch.Tensor
+    """[layers, token modalities, experts] int64 router assignments (empty without MoME layers)."""
+
+
+def _temperature_as_vector(contrastive: nn.Module) -> None:
+    """Hold the temperature as a [1] parameter and give the loss its 0-dim value as before.
+
+    DeepSpeed broadcasts (and ZeRO-3 partitions) every parameter through a byte view, which fails on
+    0-dim tensors; the loss code keeps seeing a 0-dim scale.
+    """
+    scalar = contrastive.logit_scale
+    del contrastive.logit_scale
+    contrastive.logit_scale = nn.Parameter(scalar.detach().reshape(1).clone(), requires_grad=scalar.requires_grad)
+    vector_scale = contrastive.scale
+    contrastive.scale = lambda: vector_scale().squeeze(0)
+
+
+class TrainModule(nn.Module):
+    """What DeepSpeed wraps: `model` (encoder -> resampler -> LLM) and `objective` (losses, temperature, queues)."""
+
+    def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig) -> None:
+        super().__init__()
+        self.model = MultimodalModel(model_cfg)
+        self.objective = Objective(loss_cfg, model_cfg.embed_dim)
+        _temperature_as_vector(self.objective.contrastive)
+
+    def forward(self, batch: PackedBatch, step: int, weights: dict[str, float] | None = None,
+                hard_fraction: float | None = None) -> TrainOutput:
+        """Model forward and every loss of one packed micro-batch at optimizer step `step`."""
+        out = self.model(batch)
+        inputs = ObjectiveInputs(
+            media_embeds=out.media_embeds,
+            text_embeds=out.text_embeds,
+            modality=batch.modality,
+            sample_key=batch.sample_key,
+            group=batch.group,
+            caption_id=caption_keys(batch.caption_ids, batch.caption_cu_seqlens),
+            caption_logits=out.caption_logits,
+            caption_targets=out.caption_targets,
+            router_outputs=out.router_outputs,
+        )
+        result = self.objective(inputs, step=step, weights=weights, hard_fraction=hard_fraction)
+        experts = self.model.cfg.mome.num_experts
+        counts = [assignment_counts(r, experts) for r in out.router_outputs]
+        expert_counts = torch.stack(counts) if counts else torch.zeros(0, 0, experts, dtype=torch.long)
+        return TrainOutput(result.loss, result.components, out.counters, expert_counts.detach())
+
+    @torch.no_grad()
+    def embed(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(media, text) embeddings of a batch, L2-normalised, for retrieval evaluation."""
+        out = self.model(batch)
+        return (nn.functional.normalize(out.media_embeds.float(), dim=-1),
+                nn.functional.normalize(out.text_embeds.float(), dim=-1))
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Join the launcher's process group (deepspeed, torchrun, srun), or make one of a single rank in-process."""
+    import deepspeed
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+        # Without a launcher DeepSpeed goes looking for mpi4py; a one-rank env:// group needs only these.
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def uses_bf16(cfg: RunConfig) -> bool:
+    """bf16 when asked, or `auto` on a GPU (fp32 on CPU, where bf16 is ~4x slower)."""
+    precision = cfg.deepspeed.precision
+    return precision == "bf16" or (precision == "auto" and torch.cuda.is_available())
+
+
+def deepspeed_config(cfg: RunConfig, load_universal: bool = False) -> dict:
+    """The DeepSpeed config dict: the optional JSON file, overridden by the run config's values.
+
+    `load_universal` reads a universal checkpoint (resuming at another world size).
+    """
+    ds = cfg.deepspeed
+    base: dict = {}
+    if ds.config_file:
+        with open(ds.config_file, encoding="utf-8") as handle:
+            base = json.load(handle)
+    zero = {**base.get("zero_optimization", {}), "stage": ds.zero_stage}
+    if ds.offload == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if ds.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    return {
+        **base,
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": uses_bf16(cfg)},
+        "fp16": {"enabled": False},
+        # torch AdamW as client optimizer builds no JIT extension and gives the same updates.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "checkpoint": {**base.get("checkpoint", {}), "load_universal": load_universal},
+    }
+
+
+def build_engine(cfg: RunConfig, freezable: list[str] = (), load_universal: bool = False):
+    """Build the module (same init on every rank from `cfg.seed`), the AdamW groups and the DeepSpeed engine."""
+    import deepspeed
+
+    torch.manual_seed(cfg.seed)
+    module = TrainModule(cfg.model, cfg.loss)
+    mark_zero3_leaf_modules(module)
+    optimizer = build_optimizer(module, cfg.optim, freezable)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg, load_universal))
+    return engine

@@ -1,0 +1,124 @@
+"""Parameter groups (encoder / resampler / llm / routers / objective x decay / no decay), the learning-rate
+schedule (warmup + cosine, WSD or constant) and curriculum freezing and LR multipliers.
+
+Groups are fixed when the optimizer is built; every step `apply_schedule` writes each group's LR, so the
+schedule is a pure function of the step (exact on resume). Freezing sets a group's LR to zero: AdamW then
+leaves those weights bitwise unchanged (the decoupled decay is scaled by the LR too), which works the same
+under every ZeRO stage, unlike toggling `requires_grad` after DeepSpeed has flattened the parameters.
+A frozen group still accumulates Adam moments; they reflect the frozen period when it is unfrozen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+import torch
+from torch import nn
+
+from plait.trainer.config import OptimConfig
+from plait.trainer.curriculum import CurriculumValues
+from plait.trainer.model.resampler import LearnedLatents
+
+GROUPS = ("encoder", "resampler", "llm", "routers", "objective")
+"""Parameter groups with their own peak LR (`optim.group_lr`) and curriculum multiplier (`lr_multipliers`)."""
+
+MODEL_PREFIX = "model."
+"""Where the MultimodalModel sits in the trained module; curriculum `frozen` names are relative to it."""
+
+WSD_DECAY_FRACTION = 0.2
+"""Warmup-stable-decay: the last fraction of the run decays linearly to `min_lr_ratio` (MiniCPM uses ~10-20%)."""
+
+_NO_DECAY_OWNERS = (nn.Embedding, LearnedLatents, nn.LayerNorm)
+"""Modules whose parameters never get weight decay (embeddings, learned queries, norms)."""
+
+
+def group_of(name: str) -> str:
+    """The LR group of a parameter from its name in the trained module."""
+    if ".router." in name:
+        return "routers"
+    for group in ("encoder", "resampler", "llm"):
+        if name.startswith(f"{MODEL_PREFIX}{group}."):
+            return group
+    return "objective"
+
+
+def decays(name: str, param: torch.Tensor, owner: nn.Module) -> bool:
+    """Weight decay only on matrices: never on norms, biases, embeddings, latents or the temperature."""
+    if param.ndim < 2 or name.endswith("bias") or name.endswith("logit_scale"):
+        return False
+    return not isinstance(owner, _NO_DECAY_OWNERS) and "norm" not in type(owner).__name__.lower()
+
+
+def frozen_prefixes(phases_frozen: Iterable[list[str]]) -> list[str]:
+    """Every module prefix any curriculum phase freezes (each parameter group is split by these)."""
+    return sorted({prefix for frozen in phases_frozen for prefix in frozen})
+
+
+def _matches(name: str, prefix: str) -> bool:
+    """Whether model-relative parameter `name` lies in module `prefix`."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def param_groups(module: nn.Module, cfg: OptimConfig, freezable: list[str] = ()) -> list[dict]:
+    """AdamW param groups: one per (LR group, decay or not, freezable prefixes), empty ones left out.
+
+    Each group also carries plain `name`, `group`, `peak_lr` and `freezable` keys (saved with the optimizer).
+    """
+    owners = {f"{name}.{leaf}" if name else leaf: mod
+              for name, mod in module.named_modules() for leaf, _ in mod.named_parameters(recurse=False)}
+    buckets: dict[tuple[str, bool, tuple[str, ...]], list[torch.nn.Parameter]] = {}
+    for name, param in module.named_parameters():
+        relative = name.removeprefix(MODEL_PREFIX)
+        prefixes = tuple(p for p in freezable if name.startswith(MODEL_PREFIX) and _matches(relative, p))
+        key = (group_of(name), decays(name, param, owners[name]), prefixes)
+        buckets.setdefault(key, []).append(param)
+    groups = []
+    for (group, decay, prefixes), params in sorted(buckets.items()):
+        name = "/".join([group, "decay" if decay else "no_decay"] + ([",".join(prefixes)] if prefixes else []))
+        peak = cfg.group_lr.get(group, cfg.lr)
+        groups.append({"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": peak,
+                       "name": name, "group": group, "peak_lr": peak, "freezable": list(prefixes)})
+    return groups
+
+
+def build_optimizer(module: nn.Module, cfg: OptimConfig, freezable: list[str] = ()) -> torch.optim.AdamW:
+    """torch AdamW over `param_groups` (the client optimizer DeepSpeed wraps; needs no JIT build)."""
+    return torch.optim.AdamW(param_groups(module, cfg, freezable), lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Schedule multiplier at optimizer step `step` (0-based): linear warmup, then cosine / WSD / constant."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        span = max(total_steps - cfg.warmup_steps, 1)
+        progress = min((step - cfg.warmup_steps) / span, 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_steps = max(int(round(WSD_DECAY_FRACTION * total_steps)), 1)
+    decay_start = max(total_steps - decay_steps, cfg.warmup_steps)
+    if step < decay_start:
+        return 1.0
+    progress = min((step - decay_start) / max(total_steps - decay_start, 1), 1.0)
+    return 1.0 - (1 - floor) * progress
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, step: int, cfg: OptimConfig, total_steps: int,
+                   values: CurriculumValues) -> dict[str, float]:
+    """Write every group's LR for `step` (schedule x curriculum multiplier, 0 when frozen); returns LR per group."""
+    factor = lr_factor(step, cfg, total_steps)
+    frozen = set(values.frozen)
+    lrs: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        is_frozen = any(_covered(prefix, frozen) for prefix in group["freezable"])
+        lr = 0.0 if is_frozen else group["peak_lr"] * factor * values.lr_multipliers.get(group["group"], 1.0)
+        group["lr"] = lr
+        lrs[group["group"]] = max(lrs.get(group["group"], 0.0), lr)
+    return lrs
+
+
+def _covered(prefix: str, frozen: set[str]) -> bool:
+    """Whether module `prefix` lies in one of the frozen modules."""
+    return any(_matches(prefix, f) for f in frozen)

@@ -1,0 +1,257 @@
+"""The training loop, top to bottom: resume from the latest checkpoint, then step, log, checkpoint and evaluate
+until the run length, a preemption signal or too many non-finite steps in a row.
+
+    trainer = Trainer(config)
+    try:
+        result = trainer.train()
+    finally:
+        trainer.close()
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from plait.trainer.checkpoint import Checkpointer, PreemptionFlag, rng_state, set_rng_state
+from plait.trainer.config import RunConfig
+from plait.trainer.config_loader import render_yaml, to_dict
+from plait.trainer.curriculum import Curriculum, plot_curriculum
+from plait.trainer.data_source import BatchSource, SyntheticBatches
+from plait.trainer.engine import build_engine, init_distributed
+from plait.trainer.evaluate import caption_keys, flat_metrics, gather_embeddings, retrieval_metrics, summary
+from plait.trainer.model.accounting import estimate_flops, parameter_counts
+from plait.trainer.optim import apply_schedule, frozen_prefixes, group_of
+from plait.trainer.step_metrics import MetricWindow, device_peak_flops, grad_norms, plot_expert_heatmap
+from plait.trainer.tracking import Tracker, resolve_uri
+from plait.trainer.train_console import Progress, startup_summary
+
+logger = logging.getLogger(__name__)
+
+MAX_NONFINITE_IN_ROW = 5
+"""Consecutive skipped (non-finite) steps after which the run checkpoints and stops."""
+
+
+class NonFiniteStop(RuntimeError):
+    """Too many non-finite steps in a row; the run saved a checkpoint and stopped."""
+
+
+class Trainer:
+    """Owns the engine, data, curriculum, checkpointer and tracker of one run on this rank."""
+
+    def __init__(self, cfg: RunConfig, data: BatchSource | None = None,
+                 max_nonfinite_in_row: int = MAX_NONFINITE_IN_ROW) -> None:
+        init_distributed()
+        self.cfg, self.max_nonfinite = cfg, max_nonfinite_in_row
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.run_dir = Path(cfg.run_dir)
+        self.curriculum = Curriculum(cfg.curriculum)
+        self.explicit = {name for phase in cfg.curriculum.phases for name in phase.values}
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep)
+        resume = cfg.checkpoint.resume
+        freezable = frozen_prefixes(phase.values.get("frozen", []) for phase in cfg.curriculum.phases)
+        self.engine = build_engine(cfg, freezable, load_universal=resume and self.checkpointer.needs_universal())
+        self.module = self.engine.module
+        self.data = data or SyntheticBatches(cfg.model, cfg.seed, self.rank)
+        self.step, self.skipped_in_row, self.skipped_total = 0, 0, 0
+        self.losses: list[float] = []
+        self.last_components: dict[str, float] = {}
+        self.retrieval: dict[str, dict[str, float]] = {}
+        self.checkpoint_path: str | None = None
+        self.preempted = False
+        self.progress_metrics: dict[str, float] = {}
+        self.expert_totals: torch.Tensor | None = None
+        run_id = self._resume() if resume else None
+        self.tracker = Tracker(resolve_uri(cfg.tracking.uri, self.run_dir), cfg.tracking.experiment, self.run_dir,
+                               run_id=run_id, run_name=self.run_dir.name, enabled=self.rank == 0)
+        self.window = MetricWindow()
+        self.peak_flops = device_peak_flops()
+        self.preemption = PreemptionFlag()
+
+    def _resume(self) -> str | None:
+        """Load the latest checkpoint, if any: step, curriculum, data position, RNG; returns the MLflow run id."""
+        loaded = self.checkpointer.load(self.engine)
+        if loaded is None:
+            return None
+        run_state, rank_state = loaded
+        self.step = int(run_state["step"])
+        self.skipped_total = int(run_state["skipped_total"])
+        self.skipped_in_row = int(run_state["skipped_in_row"])
+        self.curriculum.load_state_dict(run_state["curriculum"], strict=False)
+        self.data.load_state_dict(rank_state["data"])
+        set_rng_state(rank_state["rng"])
+        return run_state["mlflow_run_id"]
+
+    def _stage_params(self) -> None:
+        """Resolved config as params and artifacts (a resumed run adds only what is new)."""
+        self.tracker.log_params(to_dict(self.cfg))
+        if self.rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config_path = self.run_dir / "resolved-config.yaml"
+        config_path.write_text(render_yaml(self.cfg) + "\n")
+        plot_path = self.run_dir / "curriculum.png"
+        plot_curriculum(self.cfg.curriculum, plot_path, steps=self.cfg.steps)
+        self.tracker.log_artifact(config_path)
+        self.tracker.log_artifact(plot_path)
+        self.tracker.flush()
+
+    def train(self) -> dict[str, Any]:
+        """Run until `cfg.steps`; returns the final result (the CLI's JSON line)."""
+        counts = parameter_counts(self.module.model)
+        if self.rank == 0:
+            startup_summary(self.cfg, self.world, counts, self.curriculum, self.step, self.tracker)
+        self._stage_params()
+        progress = Progress(self.cfg.steps, self.step, enabled=self.rank == 0)
+        stop = False
+        while self.step < self.cfg.steps and not stop:
+            self.train_step()
+            self.step += 1
+            if self._logs_at(self.step):
+                self._log()
+            progress.update(self.step, self.losses[-1], self.progress_metrics)
+            nonfinite_stop = self.skipped_in_row >= self.max_nonfinite
+            self.preempted = self.preemption.requested()
+            stop = self.preempted or nonfinite_stop
+            every = self.cfg.checkpoint.every
+            if stop or self.step == self.cfg.steps or (every and self.step % every == 0):
+                self.checkpoint_path = self.checkpointer.save(self.engine, self.step, self._run_state(),
+                                                              {"data": self.data.state_dict(), "rng": rng_state()})
+            if nonfinite_stop:
+                raise NonFiniteStop(f"{self.skipped_in_row} non-finite steps in a row up to step {self.step}; "
+                                    f"checkpoint {self.checkpoint_path}")
+            if self.step == self.cfg.steps or (self.cfg.eval.every and self.step % self.cfg.eval.every == 0):
+                self.evaluate()
+        progress.close()
+        return self.result()
+
+    def train_step(self) -> None:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches, skipped if non-finite."""
+        values = self.curriculum.at(self.step)
+        lrs = apply_schedule(self.engine.optimizer, self.step, self.cfg.optim, self.cfg.steps, values)
+        weights = values.loss_weights if "loss_weights" in self.explicit else None
+        hard = values.hard_negative_ratio if "hard_negative_ratio" in self.explicit else None
+        queues = self._queue_snapshot()
+        components: dict[str, float] = {}
+        counts: dict[str, float] = {}
+        experts = None
+        loss_sum = 0.0
+        gas = self.cfg.deepspeed.gradient_accumulation_steps
+        for micro in range(gas):
+            batch = self.data.batch(self.step, micro)
+            out = self.engine(batch, self.step, weights=weights, hard_fraction=hard)
+            self.engine.backward(out.loss)
+            if micro == gas - 1 and self._logs_at(self.step + 1):
+                components.update(grad_norms(self.module, group_of))
+            self.engine.step()
+            loss_sum += float(out.loss.detach())
+            for key, value in out.components.items():
+                components[key] = components.get(key, 0.0) + float(value) / gas
+            self._count(counts, batch, out.counters)
+            experts = out.expert_counts if experts is None else experts + out.expert_counts
+        self.losses.append(loss_sum / gas)
+        if not self.engine.was_step_applied():
+            self._restore_queues(queues)
+            self.skipped_in_row += 1
+            self.skipped_total += 1
+            counts["skipped/nonfinite_steps"] = 1.0 / self.world
+            logger.warning("step %d: non-finite loss or gradients; update skipped (%d in a row)",
+                           self.step, self.skipped_in_row)
+            self.window.add_step({}, counts, None)
+            return
+        self.skipped_in_row = 0
+        components.update({f"lr/{group}": lr for group, lr in lrs.items()})
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None:
+            components["grad_norm"] = float(norm)
+        self.last_components = components
+        self.window.add_step(components, counts, experts)
+
+    def _logs_at(self, step: int) -> bool:
+        """Whether metrics are sent after optimizer step `step` (1-based count of steps done)."""
+        return step % self.cfg.tracking.log_every == 0 or step == self.cfg.steps
+
+    def _count(self, counts: dict[str, float], batch, model_counters: dict[str, int]) -> None:
+        """Add one micro-batch's samples, tokens, padding, drops, skipped samples and FLOPs to `counts`."""
+        tokens = sum(stream.num_tokens for stream in batch.streams.values())
+        counts["samples"] = counts.get("samples", 0.0) + batch.num_samples
+        counts["tokens"] = counts.get("tokens", 0.0) + tokens + int(batch.caption_ids.numel())
+        counts["padding"] = counts.get("padding", 0.0) + sum(s.num_padding for s in batch.streams.values())
+        counts["dropped"] = counts.get("dropped", 0.0) + batch.counters.get("dropped", 0)
+        counts["count/capacity_dropped"] = counts.get("count/capacity_dropped", 0.0) + model_counters.get(
+            "dropped_assignments", 0)
+        for key, value in batch.counters.items():
+            if key.startswith("skipped"):
+                name = key if "/" in key else f"skipped/{key.removeprefix('skipped').strip('_') or 'samples'}"
+                counts[name] = counts.get(name, 0.0) + value
+        if self.peak_flops is not None:
+            counts["flops"] = counts.get("flops", 0.0) + estimate_flops(self.module.model, batch).train
+
+    def _queue_snapshot(self) -> dict | None:
+        """References to the queue tensors (they are replaced, never written in place) to undo a skipped step."""
+        queues = self.module.objective.queues
+        if queues is None:
+            return None
+        return {name: (q.media, q.text, q.ids, q.step, q.ptr, q.count) for name, q in queues.queues.items()}
+
+    def _restore_queues(self, snapshot: dict | None) -> None:
+        """Put back the queues of a skipped step (its non-finite embeddings must not become negatives)."""
+        if snapshot is None:
+            return
+        for name, (media, text, ids, step, ptr, count) in snapshot.items():
+            queue = self.module.objective.queues[name]
+            queue.media, queue.text, queue.ids, queue.step, queue.ptr, queue.count = media, text, ids, step, ptr, count
+
+    def _log(self) -> None:
+        """Reduce the window over ranks and send it (rank 0)."""
+        metrics, experts = self.window.reduce(self.peak_flops)
+        metrics["guard/skipped_steps_total"] = float(self.skipped_total)
+        self.tracker.log_metrics(metrics, self.step)
+        self.tracker.flush()
+        self.progress_metrics = metrics
+        if experts is not None:
+            self.expert_totals = experts if self.expert_totals is None else self.expert_totals + experts
+        self.window.reset()
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """Retrieval R@1/5/10 per modality on the held-out batches (all ranks run; metrics on rank 0)."""
+        self.module.eval()
+        parts = []
+        for batch in self.data.eval_batches():
+            media, text = self.module.embed(batch)
+            parts.append((media, text, caption_keys(batch.caption_ids, batch.caption_cu_seqlens), batch.modality))
+        self.module.train()
+        media, text, captions, modality = gather_embeddings(parts)
+        if media is None:
+            return {}
+        metrics = retrieval_metrics(media, text, captions, modality)
+        self.retrieval = summary(metrics)
+        self.tracker.log_metrics(flat_metrics(metrics), self.step)
+        self.tracker.flush()
+        return self.retrieval
+
+    def _run_state(self) -> dict[str, Any]:
+        """What rank 0 saves beside the weights."""
+        return {"step": self.step, "config": to_dict(self.cfg), "curriculum": self.curriculum.state_dict(),
+                "mlflow_run_id": self.tracker.run_id,
+                "skipped_total": self.skipped_total, "skipped_in_row": self.skipped_in_row}
+
+    def result(self) -> dict[str, Any]:
+        """The final JSON line."""
+        losses = {k.removeprefix("loss/"): v for k, v in self.last_components.items() if k.startswith("loss/")}
+        return {"run_id": self.tracker.run_id, "tracking_uri": self.tracker.uri, "world_size": self.world,
+                "steps": self.step, "loss": self.losses[-1] if self.losses else None, "losses": losses,
+                "retrieval": self.retrieval, "checkpoint": self.checkpoint_path}
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Upload the expert heatmap, end the MLflow run, restore signal handlers."""
+        if self.rank == 0 and self.expert_totals is not None and status == "FINISHED":
+            path = self.run_dir / "expert-utilisation.png"
+            plot_expert_heatmap(self.expert_totals, path)
+            self.tracker.log_artifact(path)
+        self.tracker.finish(status)
+        self.preemption.close()
