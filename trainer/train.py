@@ -21,11 +21,12 @@ from plait.trainer.checkpoint import Checkpointer, PreemptionFlag, rng_state, se
 from plait.trainer.config import RunConfig
 from plait.trainer.config_loader import render_yaml, to_dict
 from plait.trainer.curriculum import Curriculum, plot_curriculum
-from plait.trainer.data_source import BatchSource, SyntheticBatches
+from plait.trainer.data_source import BatchSource
 from plait.trainer.engine import build_engine, init_distributed
 from plait.trainer.evaluate import caption_keys, flat_metrics, gather_embeddings, retrieval_metrics, summary
 from plait.trainer.model.accounting import estimate_flops, parameter_counts
 from plait.trainer.optim import apply_schedule, frozen_prefixes, group_of
+from plait.trainer.planned_batches import PlannedBatches
 from plait.trainer.step_metrics import MetricWindow, device_peak_flops, grad_norms, plot_expert_heatmap
 from plait.trainer.tracking import Tracker, resolve_uri
 from plait.trainer.train_console import Progress, startup_summary
@@ -56,7 +57,7 @@ class Trainer:
         freezable = frozen_prefixes(phase.values.get("frozen", []) for phase in cfg.curriculum.phases)
         self.engine = build_engine(cfg, freezable, load_universal=resume and self.checkpointer.needs_universal())
         self.module = self.engine.module
-        self.data = data or SyntheticBatches(cfg.model, cfg.seed, self.rank)
+        self.data = data or PlannedBatches(cfg, self.rank, self.world)
         self.step, self.skipped_in_row, self.skipped_total = 0, 0, 0
         self.losses: list[float] = []
         self.last_components: dict[str, float] = {}

@@ -144,6 +144,9 @@ class LLMConfig:
 
     name_or_path: Optional[str] = None
     """Hub name or local directory for `AutoModelForCausalLM.from_pretrained`; null builds from the fields below."""
+    tokenizer: Optional[str] = None
+    """Caption tokenizer (hub name or directory); null: the LLM's own, or for a model built from config a
+    byte-level BPE trained on the dataset's captions and saved in the run directory."""
     model_type: str = "llama"
     """transformers model type for `AutoConfig.for_model` (llama, qwen2, mistral, ...)."""
     model_kwargs: dict[str, int | float | str | bool] = field(default_factory=_tiny_llama)
