@@ -92,9 +92,19 @@ def walk(plan: SamplePlan, steps: int | None = None, epochs: int | None = None,
             "state_bytes": plan.state.nbytes()}
 
 
-def make_decoder(cfg: RunConfig) -> Decoder:
-    """The `--decode` hook: the loader wires its reader in here (read, decode, pack; count skipped samples)."""
-    raise ValueError("--decode: the loader's decoder is not wired into `plait data walk` yet")
+def make_decoder(cfg: RunConfig, index: DatasetIndex) -> Decoder:
+    """`--decode`: really read, decode and pack each planned micro-batch; returns its skipped samples by reason."""
+    from plait.data.loader import decode_plans
+    from plait.trainer.planned_batches import resolve_tokenizer
+
+    tokenizer = resolve_tokenizer(cfg, index)
+
+    def decode(plan: MicroBatchPlan) -> dict[str, int]:
+        (counts,) = decode_plans([plan], tokenizer, cfg.data.sizing, cfg.data.packing,
+                                 max_consecutive_failures=cfg.data.max_consecutive_failures, cfg=cfg.data.loader)
+        return {key.removeprefix("skipped_"): n for key, n in counts.items() if key.startswith("skipped_") and n}
+
+    return decode
 
 
 def _cmd_walk(args: argparse.Namespace) -> None:
@@ -102,7 +112,7 @@ def _cmd_walk(args: argparse.Namespace) -> None:
     plan = build_plan(cfg, args.world_size, plan_cfg=dataclasses.replace(cfg.data.plan, split=args.split))
     if args.state_in:
         plan.load_state_dict(json.loads(Path(args.state_in).read_text()))
-    decode = make_decoder(cfg) if args.decode else None
+    decode = make_decoder(cfg, dataset_for(cfg)) if args.decode else None
     summary = walk(plan, steps=args.steps, epochs=args.epochs, decode=decode)
     if args.state_out:
         Path(args.state_out).write_text(json.dumps(plan.state_dict()))
