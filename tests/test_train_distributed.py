@@ -235,9 +235,9 @@ def _nan_guard(config_path: Path, out: Path) -> dict:
     skipped = trainer.skipped_total
     finite = all(bool(torch.isfinite(p).all()) for p in trainer.module.parameters())
     queues_finite = all(bool(torch.isfinite(q.media).all()) for q in trainer.module.objective.queues.queues.values())
-    cfg = load_config(config_path, [f"run_dir={out / 'nan_stop'}", "steps=10", "checkpoint.every=0"])
-    trainer = Trainer(cfg, data=SyntheticBatches(cfg.model, cfg.seed, rank, nan_steps=tuple(range(1, 10))),
-                      max_nonfinite_in_row=2)
+    cfg = load_config(config_path, [f"run_dir={out / 'nan_stop'}", "steps=10", "checkpoint.every=0",
+                                    "optim.max_nonfinite_steps=2"])
+    trainer = Trainer(cfg, data=SyntheticBatches(cfg.model, cfg.seed, rank, nan_steps=tuple(range(1, 10))))
     stop_message = ""
     try:
         trainer.train()

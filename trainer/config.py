@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 from plait.data.checks import check_at_least, check_positive
 from plait.data.loader import LoaderConfig
@@ -82,6 +83,10 @@ class OptimConfig:
     """Decay after warmup: cosine to `min_lr_ratio`, warmup-stable-decay, or constant."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of the peak."""
+    wsd_decay_fraction: float = 0.2
+    """`wsd`: share of the run spent decaying at the end (the rest after warmup is stable)."""
+    max_nonfinite_steps: int = 5
+    """Stop, after a checkpoint, when this many optimizer steps in a row had a non-finite loss or gradient."""
     grad_clip: float = 1.0
     """Gradient norm clipping (0 disables)."""
     group_lr: dict[str, float] = field(default_factory=dict)
@@ -92,6 +97,9 @@ class OptimConfig:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas: expected two values in [0, 1), got {self.betas}")
         check_at_least(self, 0, "warmup_steps", "weight_decay", "grad_clip")
+        check_positive(self, "max_nonfinite_steps")
+        if not 0 < self.wsd_decay_fraction <= 1:
+            raise ValueError(f"wsd_decay_fraction: must be in (0, 1], got {self.wsd_decay_fraction}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         for name, value in self.group_lr.items():
@@ -103,8 +111,8 @@ class OptimConfig:
 class DeepSpeedConfig:
     """The DeepSpeed engine: ZeRO stage, offload, precision, batch shape."""
 
-    zero_stage: int = 2
-    """ZeRO stage: 0 (plain data parallel), 1, 2 or 3."""
+    zero_stage: Optional[int] = None
+    """ZeRO stage 0 (plain data parallel), 1, 2 or 3; null: the `config_file`'s stage, else 2."""
     offload: Literal["none", "cpu"] = "none"
     """Offload optimizer state (and parameters at stage 3) to CPU memory."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -115,11 +123,25 @@ class DeepSpeedConfig:
     """Optional DeepSpeed JSON (e.g. configs/deepspeed/zero3.json) merged under the values above."""
 
     def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         check_positive(self, "gradient_accumulation_steps")
-        if self.config_file and not os.path.isfile(self.config_file):
-            raise ValueError(f"config_file: no such file {self.config_file!r}")
+        self.file_config: dict = {}  # the parsed `config_file`, read once at load (not a config field)
+        if self.config_file:
+            try:
+                with open(self.config_file, encoding="utf-8") as handle:
+                    self.file_config = json.load(handle)
+            except OSError as err:
+                raise ValueError(f"config_file: cannot read {self.config_file!r}: {err.strerror}") from None
+            except json.JSONDecodeError as err:
+                raise ValueError(f"config_file: {self.config_file} is not valid JSON: {err}") from None
+        if self.stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {self.stage}")
+
+    @property
+    def stage(self) -> int:
+        """The ZeRO stage in force: `zero_stage`, else the config file's, else 2."""
+        if self.zero_stage is not None:
+            return self.zero_stage
+        return int(self.file_config.get("zero_optimization", {}).get("stage", 2))
 
 
 @dataclass

@@ -7,7 +7,6 @@ queues (buffers) are saved and restored with the model by DeepSpeed's checkpoint
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from dataclasses import dataclass
@@ -40,19 +39,6 @@ class TrainOutput:
     """[layers, token modalities, experts] int64 router assignments (empty without MoME layers)."""
 
 
-def _temperature_as_vector(contrastive: nn.Module) -> None:
-    """Hold the temperature as a [1] parameter and give the loss its 0-dim value as before.
-
-    DeepSpeed broadcasts (and ZeRO-3 partitions) every parameter through a byte view, which fails on
-    0-dim tensors; the loss code keeps seeing a 0-dim scale.
-    """
-    scalar = contrastive.logit_scale
-    del contrastive.logit_scale
-    contrastive.logit_scale = nn.Parameter(scalar.detach().reshape(1).clone(), requires_grad=scalar.requires_grad)
-    vector_scale = contrastive.scale
-    contrastive.scale = lambda: vector_scale().squeeze(0)
-
-
 class TrainModule(nn.Module):
     """What DeepSpeed wraps: `model` (encoder -> resampler -> LLM) and `objective` (losses, temperature, queues)."""
 
@@ -60,7 +46,6 @@ class TrainModule(nn.Module):
         super().__init__()
         self.model = MultimodalModel(model_cfg)
         self.objective = Objective(loss_cfg, model_cfg.embed_dim)
-        _temperature_as_vector(self.objective.contrastive)
 
     def forward(self, batch: PackedBatch, step: int, weights: dict[str, float] | None = None,
                 hard_fraction: float | None = None) -> TrainOutput:
@@ -123,14 +108,11 @@ def deepspeed_config(cfg: RunConfig, load_universal: bool = False) -> dict:
     `load_universal` reads a universal checkpoint (resuming at another world size).
     """
     ds = cfg.deepspeed
-    base: dict = {}
-    if ds.config_file:
-        with open(ds.config_file, encoding="utf-8") as handle:
-            base = json.load(handle)
-    zero = {**base.get("zero_optimization", {}), "stage": ds.zero_stage}
+    base = ds.file_config
+    zero = {**base.get("zero_optimization", {}), "stage": ds.stage}
     if ds.offload == "cpu":
         zero["offload_optimizer"] = {"device": "cpu"}
-        if ds.zero_stage == 3:
+        if ds.stage == 3:
             zero["offload_param"] = {"device": "cpu"}
     return {
         **base,

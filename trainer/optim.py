@@ -25,9 +25,6 @@ GROUPS = ("encoder", "resampler", "llm", "routers", "objective")
 MODEL_PREFIX = "model."
 """Where the MultimodalModel sits in the trained module; curriculum `frozen` names are relative to it."""
 
-WSD_DECAY_FRACTION = 0.2
-"""Warmup-stable-decay: the last fraction of the run decays linearly to `min_lr_ratio` (MiniCPM uses ~10-20%)."""
-
 _NO_DECAY_OWNERS = (nn.Embedding, LearnedLatents, nn.LayerNorm)
 """Modules whose parameters never get weight decay (embeddings, learned queries, norms)."""
 
@@ -97,7 +94,7 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
         span = max(total_steps - cfg.warmup_steps, 1)
         progress = min((step - cfg.warmup_steps) / span, 1.0)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    decay_steps = max(int(round(WSD_DECAY_FRACTION * total_steps)), 1)
+    decay_steps = max(int(round(cfg.wsd_decay_fraction * total_steps)), 1)
     decay_start = max(total_steps - decay_steps, cfg.warmup_steps)
     if step < decay_start:
         return 1.0

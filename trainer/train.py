@@ -33,10 +33,6 @@ from plait.trainer.train_console import Progress, startup_summary
 
 logger = logging.getLogger(__name__)
 
-MAX_NONFINITE_IN_ROW = 5
-"""Consecutive skipped (non-finite) steps after which the run checkpoints and stops."""
-
-
 class NonFiniteStop(RuntimeError):
     """Too many non-finite steps in a row; the run saved a checkpoint and stopped."""
 
@@ -44,10 +40,9 @@ class NonFiniteStop(RuntimeError):
 class Trainer:
     """Owns the engine, data, curriculum, checkpointer and tracker of one run on this rank."""
 
-    def __init__(self, cfg: RunConfig, data: BatchSource | None = None,
-                 max_nonfinite_in_row: int = MAX_NONFINITE_IN_ROW) -> None:
+    def __init__(self, cfg: RunConfig, data: BatchSource | None = None) -> None:
         init_distributed()
-        self.cfg, self.max_nonfinite = cfg, max_nonfinite_in_row
+        self.cfg = cfg
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.run_dir = Path(cfg.run_dir)
         self.curriculum = Curriculum(cfg.curriculum)
@@ -115,7 +110,7 @@ class Trainer:
             if self._logs_at(self.step):
                 self._log()
             progress.update(self.step, self.losses[-1], self.progress_metrics)
-            nonfinite_stop = self.skipped_in_row >= self.max_nonfinite
+            nonfinite_stop = self.skipped_in_row >= self.cfg.optim.max_nonfinite_steps
             self.preempted = self.preemption.requested()
             stop = self.preempted or nonfinite_stop
             every = self.cfg.checkpoint.every

@@ -23,7 +23,7 @@ def startup_summary(cfg: RunConfig, world: int, counts: ParameterCounts, curricu
     phase = curriculum.phase_index(step)
     rows = [
         ("world size", str(world)),
-        ("ZeRO stage", f"{cfg.deepspeed.zero_stage} (offload: {cfg.deepspeed.offload})"),
+        ("ZeRO stage", f"{cfg.deepspeed.stage} (offload: {cfg.deepspeed.offload})"),
         ("parameters", f"total {_millions(counts.total)}, trainable {_millions(counts.trainable)}, "
                        f"active/token {_millions(counts.active_per_token)}"),
         ("data", cfg.data.shards or f"demo ({cfg.data.demo.out})"),

@@ -126,12 +126,13 @@ class ContrastiveLoss(nn.Module):
     def __init__(self, config: ContrastiveConfig, hard: HardNegativeConfig) -> None:
         super().__init__()
         self.config, self.hard = config, hard
-        init = torch.tensor(math.log(1.0 / config.init_temperature))
+        # Shape [1], not 0-dim: DeepSpeed broadcasts and ZeRO-3 partitions parameters through byte views.
+        init = torch.tensor([math.log(1.0 / config.init_temperature)])
         self.logit_scale = nn.Parameter(init, requires_grad=config.learn_temperature)
 
     def scale(self) -> Tensor:
         """exp(logit_scale) clamped in the forward (an in-place clamp would be undone by ZeRO-3)."""
-        return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
+        return self.logit_scale.exp().clamp(max=self.config.max_logit_scale).squeeze(0)
 
     def _match_ids(self, pair: _Pair, queue_ids: Tensor) -> tuple[MatchIds, MatchIds]:
         """Exclude ids (key; plus group/caption without multi-positive) and share ids.

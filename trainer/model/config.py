@@ -68,6 +68,9 @@ class EncoderConfig:
     """Frames per video tubelet (tp)."""
     audio_patch_size: int = 16
     """Log-mel patch side: audio patches have p*p values."""
+    vision_input_norm: Literal["none", "sample"] = "none"
+    """`sample`: standardise each image/video by the mean and std of all its patch values before the projection
+    (per-image standardisation: contrast and brightness no longer vary by colour pair); `none`: raw values."""
     vision_max_grid: list[int] = field(default_factory=lambda: [64, 64, 64])
     """Sizes of the learned (t, h, w) position tables of the vision stream."""
     audio_max_grid: list[int] = field(default_factory=lambda: [8, 256, 256])

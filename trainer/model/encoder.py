@@ -97,6 +97,23 @@ class StreamEmbedding(nn.Module):
         return self.proj(patches) + self.pos_t(t) + self.pos_h(h) + self.pos_w(w)
 
 
+def standardize_per_sample(patches: torch.Tensor, seg: torch.Tensor, num_samples: int, eps: float) -> torch.Tensor:
+    """Each sample's patches `[T, P]` minus that sample's mean over all its values, over sqrt(variance + eps).
+
+    Statistics cover the tokens present (after token dropping); two passes keep the variance exact in fp32.
+    """
+    if patches.numel() == 0:
+        return patches
+    values = patches.float()
+    count = torch.zeros(num_samples, device=values.device).index_add_(
+        0, seg, torch.full_like(seg, values.shape[1], dtype=values.dtype))
+    mean = torch.zeros(num_samples, device=values.device).index_add_(0, seg, values.sum(1)) / count.clamp(min=1)
+    centered = values - mean[seg, None]
+    var = torch.zeros(num_samples, device=values.device).index_add_(0, seg, centered.square().sum(1))
+    inv_std = torch.rsqrt(var / count.clamp(min=1) + eps)
+    return (centered * inv_std[seg, None]).to(patches.dtype)
+
+
 @dataclass
 class EncoderOutput:
     """Encoded media tokens of one micro-batch (vision stream first, then audio; tail padding removed)."""
@@ -146,6 +163,11 @@ class Encoder(nn.Module):
         like = self.vision.proj.weight
         parts = [_real_part(batch.streams.get(name), emb.patch_dim, like)
                  for name, emb in zip(STREAMS, (self.vision, self.audio))]
+        if self.cfg.vision_input_norm == "sample":
+            vision = parts[0]
+            parts[0] = PackedStream(standardize_per_sample(vision.patches, vision.seg, batch.num_samples,
+                                                           self.cfg.norm_eps),
+                                    vision.coords, vision.seg, vision.cu_seqlens, vision.max_seqlen)
         embedded = [emb(p.patches.to(like.dtype), p.coords) for emb, p in zip((self.vision, self.audio), parts)]
         seg = torch.cat([p.seg for p in parts])
         modality = (batch.modality.to(seg.device)[seg] + 1) if seg.numel() else seg
