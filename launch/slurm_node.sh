@@ -31,19 +31,35 @@ for host in "${hosts[@]}"; do
 done
 
 # The launcher itself would die on SIGUSR1: hand the signal to the ranks (their command line is
-# `python -u .../train.py --local_rank=N ...`) and wait for them to checkpoint and exit.
+# `python -u .../train.py --local_rank=N ...`) and wait for them to checkpoint and exit. Only this
+# launcher's descendants are signalled: another job's ranks on a shared node are left alone.
+# shellcheck disable=SC2329  # invoked by forward
+descendants() {
+  local child
+  for child in $(pgrep -P "$1"); do
+    echo "$child"
+    descendants "$child"
+  done
+}
 # shellcheck disable=SC2329  # invoked by the trap below
-forward() { pkill -USR1 -f -- "$here/train.py --local_rank=" || true; }
+forward() {
+  local tree rank
+  tree=" $(descendants "$launcher" | tr '\n' ' ') "
+  for rank in $(pgrep -f -- "$here/train.py --local_rank="); do
+    if [[ $tree == *" $rank "* ]]; then kill -USR1 "$rank" 2>/dev/null || true; fi
+  done
+}
 trap forward USR1 TERM
 
 deepspeed --hostfile "$hostfile" --no_ssh --num_nodes "$SLURM_NNODES" --num_gpus "$GPUS_PER_NODE" \
   --node_rank "$SLURM_NODEID" --master_addr "${MASTER_ADDR:-${hosts[0]}}" --master_port "${MASTER_PORT:-29500}" \
   "$here/train.py" "$config" "$@" &
 launcher=$!
-status=0
-while true; do
-  wait "$launcher" && status=0 || status=$?
-  # `wait` returns early (status > 128) when a trapped signal arrives; keep waiting for the launcher.
-  kill -0 "$launcher" 2>/dev/null || break
+# `wait` returns early (status > 128) when a trapped signal arrives: wait again while the launcher
+# runs, then take its exit status (bash keeps it), which a signal arriving as it exits cannot replace.
+while kill -0 "$launcher" 2>/dev/null; do
+  wait "$launcher" || true
 done
+status=0
+wait "$launcher" || status=$?
 exit "$status"

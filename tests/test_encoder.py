@@ -7,7 +7,7 @@ import torch
 
 from plait.trainer.bench.model import make_batch
 from plait.trainer.model.config import EncoderConfig, ModelConfig, MoMEConfig
-from plait.trainer.model.encoder import Encoder
+from plait.trainer.model.encoder import Encoder, standardize_per_sample
 from plait.trainer.model.mome import MoMELayer, RoutingContext
 
 SPECS = [(0, (1, 3, 5), 4), (1, (1, 4, 6), 3), (2, (2, 2, 3), 5), (0, (1, 1, 1), 2), (1, (1, 2, 2), 1)]
@@ -99,3 +99,47 @@ def test_config_validation_names_the_field():
         EncoderConfig(dim=30, num_heads=4)
     with pytest.raises(ValueError, match="mome_layers"):
         EncoderConfig(depth=2, mome_layers=[2])
+
+
+def _reference_standardize(patches: torch.Tensor, seg: torch.Tensor, eps: float) -> torch.Tensor:
+    """Float64 per-sample loop: (x - mean(x)) / sqrt(var(x) + eps) over all of one sample's values."""
+    out = torch.empty_like(patches, dtype=torch.float64)
+    for i in seg.unique().tolist():
+        x = patches[seg == i].double()
+        out[seg == i] = (x - x.mean()) / torch.sqrt(x.var(correction=0) + eps)
+    return out
+
+
+def test_standardize_per_sample_matches_reference():
+    gen = torch.Generator().manual_seed(0)
+    seg = torch.tensor([0, 0, 0, 2, 2, 3, 5, 5, 5, 5])
+    scale = torch.tensor([1.0, 1, 1, 50, 50, 0.01, 3, 3, 3, 3])[:, None]
+    patches = torch.rand(10, 12, generator=gen) * scale + seg[:, None].float()
+    patches[5] = 0.25  # a one-token sample with constant values: all zeros, no NaN
+    got = standardize_per_sample(patches, seg, num_samples=6, eps=1e-6)
+    torch.testing.assert_close(got.double(), _reference_standardize(patches, seg, 1e-6), atol=1e-5, rtol=1e-5)
+    assert got.dtype == patches.dtype and torch.equal(got[5], torch.zeros(12))
+
+
+def test_sample_input_norm_ignores_per_sample_contrast_and_brightness():
+    encoder, cfg = _encoder(vision_input_norm="sample")
+    batch = make_batch(SPECS, cfg, seed=0)
+    base = encoder(batch).tokens
+    vision = batch.streams["vision"]
+    gain, offset = torch.tensor([3.0, 1, 0.2, 0.5, 1]), torch.tensor([0.5, 0, -2.0, 1.0, 0])
+    vision.patches = vision.patches * gain[vision.seg, None] + offset[vision.seg, None]
+    torch.testing.assert_close(encoder(batch).tokens, base, atol=1e-4, rtol=1e-4)
+    raw, _ = _encoder()
+    assert not torch.allclose(raw(batch).tokens, base, atol=1e-2)
+
+
+def test_sample_input_norm_keeps_packing_exact():
+    encoder, cfg = _encoder(vision_input_norm="sample")
+    batch = make_batch(SPECS, cfg, seed=0)
+    out = encoder(batch)
+    for i, (modality, _, _) in enumerate(SPECS):
+        if modality == 1:
+            continue
+        one = make_batch([SPECS[i]], cfg, seed=0)
+        one.streams["vision"].patches = batch.streams["vision"].patches[batch.streams["vision"].seg == i]
+        torch.testing.assert_close(encoder(one).tokens, out.tokens[out.seg == i], atol=1e-5, rtol=1e-5)

@@ -181,7 +181,7 @@ class EvalConfig:
     every: int = 100
     """Evaluate every N steps (0: only at the end)."""
     max_samples: int = 300
-    """Held-out samples per modality used for retrieval R@k."""
+    """Held-out samples (all modalities together) used for retrieval R@k; the split is walked up to this many."""
 
     def __post_init__(self) -> None:
         check_at_least(self, 0, "every")
