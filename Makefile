@@ -19,8 +19,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 quickstart: $(STAMP)
-	$(PLAIT) demo-data --out .plait/demo-data --samples 600
-	$(PLAIT) shards index .plait/demo-data
+	$(PLAIT) train configs/quickstart.yaml
 
 test: $(STAMP)
 	$(PYTHON) -m pytest
