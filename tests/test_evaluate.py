@@ -56,5 +56,5 @@ def test_retrieval_per_modality_and_duplicate_captions_count_as_hits():
     captions[4] = 21  # now the swapped audio pair is a miss at R@1 but a hit at R@5 (only two candidates)
     metrics = retrieval_metrics(media, text, captions, modality)
     assert metrics["audio"]["media_to_text"]["R@1"] == 0.0 and metrics["audio"]["media_to_text"]["R@5"] == 1.0
-    assert summary(metrics)["audio"]["R@1"] == 0.0
+    assert summary(metrics)["audio"] == metrics["audio"]["media_to_text"]
     assert all("@" not in name for name in flat_metrics(metrics))

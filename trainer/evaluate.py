@@ -85,9 +85,8 @@ def reference_recall(queries: torch.Tensor, keys: torch.Tensor, query_captions: 
 
 
 def summary(metrics: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """{modality: {R@k: mean of both directions}} for the final JSON line."""
-    return {name: {key: (d["media_to_text"][key] + d["text_to_media"][key]) / 2 for key in d["media_to_text"]}
-            for name, d in metrics.items()}
+    """{modality: {R@k}} media→text, for the final JSON line (both directions go to tracking)."""
+    return {name: dict(d["media_to_text"]) for name, d in metrics.items()}
 
 
 def flat_metrics(metrics: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
