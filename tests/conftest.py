@@ -7,10 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+# Triton reads this once, when first imported (any test module may import it first): the kernel tests
+# run Triton on CPU tensors, which only its interpreter can do.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from plait.data.demo import DemoSpec, write_demo
-from plait.data.indexer import index_dataset
+import pytest  # noqa: E402
+
+from plait.data.demo import DemoSpec, write_demo  # noqa: E402
+from plait.data.indexer import index_dataset  # noqa: E402
 
 # Processes the tests start (CLI runs, ranks) share 2 cores: one thread each keeps them from thrashing.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -74,8 +74,8 @@ def test_preemption_flag_is_set_by_sigterm_and_sigusr1_and_restores_handlers():
     assert signal.getsignal(signal.SIGTERM) == before
 
 
-def test_sigkill_during_saves_leaves_a_loadable_latest(tmp_path: Path):
-    config = write_config(tmp_path / "run.yaml", checkpoint={"every": 1, "keep": 2})
+def test_sigkill_during_saves_leaves_a_loadable_latest(tmp_path: Path, demo_dir: Path):
+    config = write_config(tmp_path / "run.yaml", checkpoint={"every": 1, "keep": 2}, data={"shards": str(demo_dir)})
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")

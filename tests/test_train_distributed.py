@@ -35,11 +35,13 @@ def _free_port() -> int:
 
 def tiny_config() -> dict:
     """A run config (as YAML data) with a ~0.1M-parameter model, small queues and the temperature learned."""
-    llama = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+    llama = {"vocab_size": 320, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2}
     return {
         "seed": 3,
-        "data": {"sizing": {"patch_size": 4, "audio_patch": 4}},
+        "data": {"sizing": {"patch_size": 4, "audio_patch": 4, "video_side_px": 16, "video_max_frames": 4,
+                            "max_audio_seconds": 1.0, "max_sample_tokens": 256},
+                 "packing": {"max_tokens": 1024}, "workers": 0},
         "model": {
             "encoder": {"dim": 32, "depth": 2, "num_heads": 4, "ffn_hidden": 48, "vision_patch_size": 4,
                         "audio_patch_size": 4, "mome_layers": [1]},
@@ -53,7 +55,8 @@ def tiny_config() -> dict:
         "checkpoint": {"every": HALF, "keep": 2},
         "tracking": {"log_every": 1},
         "eval": {"every": 0},
-        "curriculum": {"phases": [{"start": 0, "values": {"frozen": ["encoder"], "hard_negative_ratio": 0.5}},
+        "curriculum": {"phases": [{"start": 0, "values": {"frozen": ["encoder"], "hard_negative_ratio": 0.5,
+                                                          "resolution": {16: 1.0}}},
                                   {"start": 1, "values": {"frozen": []}}]},
     }
 
@@ -112,8 +115,9 @@ def test_exact_resume_zero2_zero3_and_elastic_resume(tmp_path: Path):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_sigterm_through_deepspeed_launcher_checkpoints_and_resumes(tmp_path: Path):
-    config = write_config(tmp_path / "run.yaml", checkpoint={"every": 0}, tracking={"log_every": 1})
+def test_sigterm_through_deepspeed_launcher_checkpoints_and_resumes(tmp_path: Path, demo_dir: Path):
+    config = write_config(tmp_path / "run.yaml", checkpoint={"every": 0}, tracking={"log_every": 1},
+                          data={"shards": str(demo_dir)})
     run_dir = tmp_path / "run"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_addr", "127.0.0.1",

@@ -1,28 +1,25 @@
 """Triton MoE permute/combine and Triton InfoNCE against their float64 references (values and gradients).
 
-The kernels run on CPU tensors through Triton's interpreter: TRITON_INTERPRET must be set before the
-first `triton.jit` decoration, so it is set here, before anything imports the Triton modules.
+The kernels run on CPU tensors through Triton's interpreter (`TRITON_INTERPRET=1`, set in conftest.py
+before anything imports Triton).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
-from plait.kernels import triton_moe  # noqa: E402
-from plait.kernels.fused import use_triton  # noqa: E402
-from plait.kernels.infonce import MatchIds, infonce_chunked, infonce_reference  # noqa: E402
-from plait.kernels.moe import (  # noqa: E402
+from plait.kernels import triton_moe
+from plait.kernels.fused import use_triton
+from plait.kernels.infonce import MatchIds, infonce_chunked, infonce_reference
+from plait.kernels.moe import (
     combine, dispatch, expert_capacity, ffn_rows, grouped_ffn, permute, reference_moe,
 )
-from test_infonce_kernel import make_case  # noqa: E402
+from test_infonce_kernel import make_case
 
 
 def _moe_inputs(seed: int, tokens: int = 11, dim: int = 6, experts: int = 3, hidden: int = 4):
