@@ -202,6 +202,20 @@ def test_objective_total_is_weighted_sum_and_logs_every_component():
     assert set(PAIRS) == {"image_text", "audio_text", "video_text"}
 
 
+def test_caption_weight_zero_turns_captioning_off():
+    media, text, modality, group, caption, keys = make_batch(6)
+    objective = Objective(LossConfig(queue=QueueConfig(size=0)), embed_dim=6).double()
+    assert objective.captioning(objective.weights())
+    weights = objective.weights({"caption": 0.0})
+    assert weights["caption"] == 0.0 and weights["contrastive"] == objective.config.weights["contrastive"]
+    assert not objective.captioning(weights)
+    # The model then returns no caption logits; the objective neither computes nor logs a caption term.
+    inputs = ObjectiveInputs(media, text, modality, keys, group, caption, None, None)
+    out = objective(inputs, step=0, weights={"caption": 0.0})
+    assert "loss/caption" not in out.components
+    torch.testing.assert_close(out.loss.detach(), out.components["loss/total"])
+
+
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="^label_smoothing"):
         ContrastiveConfig(label_smoothing=1.0)

@@ -149,6 +149,23 @@ def test_caption_logits_and_text_embedding_positions():
     torch.testing.assert_close(out.text_embeds[0], model.llm.text_projection(text[-1]))
 
 
+def test_without_captioning_only_text_sequences_run_and_embeddings_are_unchanged():
+    model = _model()
+    batch = make_batch(SPECS, model.cfg, seed=0)
+    full = model(batch)
+    text_only = model(batch, captioning=False)
+    torch.testing.assert_close(text_only.media_embeds, full.media_embeds)
+    torch.testing.assert_close(text_only.text_embeds, full.text_embeds, atol=1e-5, rtol=1e-5)
+    assert text_only.caption_logits.shape == (0, 64) and text_only.caption_targets.numel() == 0
+    # Only the 13 caption tokens of the text-only sequences enter the LLM, all routed as text.
+    assert text_only.counters["llm_tokens"] == 13
+    assert text_only.router_outputs[1].modality.tolist() == [0] * 13
+    # Every parameter still gets a gradient (zero for the captioning-only ones), as ZeRO-3 needs.
+    _objective(text_only).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert model.resampler.out_proj.weight.grad.abs().max() == 0
+
+
 def test_llm_tokens_routed_with_media_and_text_codes():
     model = _model()
     batch = make_batch(SPECS, model.cfg, seed=0)
@@ -220,12 +237,13 @@ def test_flops_estimate_matches_a_hand_count():
     assert flops.attention == 288 + 320 + 416 and flops.train == 3 * 10960
 
 
-def test_flops_matmul_part_matches_torch_flop_counter():
+@pytest.mark.parametrize("captioning", [True, False])
+def test_flops_matmul_part_matches_torch_flop_counter(captioning):
     model = _model()
     batch = make_batch(SPECS, model.cfg, seed=0)
-    flops = estimate_flops(model, batch)
+    flops = estimate_flops(model, batch, captioning)
     with FlopCounterMode(display=False) as counter:
-        model(batch)
+        model(batch, captioning=captioning)
     counts = counter.get_flop_counts()["Global"]
     matmuls = sum(v for op, v in counts.items() if str(op) in ("aten.mm", "aten.addmm", "aten.bmm"))
     assert matmuls == flops.forward - flops.attention

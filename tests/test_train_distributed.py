@@ -57,7 +57,10 @@ def tiny_config() -> dict:
         "eval": {"every": 0},
         "curriculum": {"phases": [{"start": 0, "values": {"frozen": ["encoder"], "hard_negative_ratio": 0.5,
                                                           "resolution": {16: 1.0}}},
-                                  {"start": 1, "values": {"frozen": []}}]},
+                                  {"start": 1, "values": {"frozen": []}},
+                                  # Captioning off for two steps (the model skips that pass), then on again.
+                                  {"start": 2, "values": {"loss_weights": {"contrastive": 1.0, "caption": 0.0}}},
+                                  {"start": 4, "values": {"loss_weights": {"contrastive": 1.0, "caption": 1.0}}}]},
     }
 
 

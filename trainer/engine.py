@@ -50,7 +50,7 @@ class TrainModule(nn.Module):
     def forward(self, batch: PackedBatch, step: int, weights: dict[str, float] | None = None,
                 hard_fraction: float | None = None) -> TrainOutput:
         """Model forward and every loss of one packed micro-batch at optimizer step `step`."""
-        out = self.model(batch)
+        out = self.model(batch, captioning=self.objective.captioning(self.objective.weights(weights)))
         inputs = ObjectiveInputs(
             media_embeds=out.media_embeds,
             text_embeds=out.text_embeds,
@@ -71,7 +71,7 @@ class TrainModule(nn.Module):
     @torch.no_grad()
     def embed(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(media, text) embeddings of a batch, L2-normalised, for retrieval evaluation."""
-        out = self.model(batch)
+        out = self.model(batch, captioning=False)
         return (nn.functional.normalize(out.media_embeds.float(), dim=-1),
                 nn.functional.normalize(out.text_embeds.float(), dim=-1))
 

@@ -130,6 +130,8 @@ class Trainer:
         values = self.curriculum.at(self.step)
         lrs = apply_schedule(self.engine.optimizer, self.step, self.cfg.optim, self.cfg.steps, values)
         weights = values.loss_weights if "loss_weights" in self.explicit else None
+        objective = self.module.objective
+        captioning = objective.captioning(objective.weights(weights))
         hard = values.hard_negative_ratio if "hard_negative_ratio" in self.explicit else None
         queues = self._queue_snapshot()
         components: dict[str, float] = {}
@@ -147,7 +149,7 @@ class Trainer:
             loss_sum += float(out.loss.detach())
             for key, value in out.components.items():
                 components[key] = components.get(key, 0.0) + float(value) / gas
-            self._count(counts, batch, out.counters)
+            self._count(counts, batch, out.counters, captioning)
             experts = out.expert_counts if experts is None else experts + out.expert_counts
         self.losses.append(loss_sum / gas)
         if not self.engine.was_step_applied():
@@ -171,7 +173,7 @@ class Trainer:
         """Whether metrics are sent after optimizer step `step` (1-based count of steps done)."""
         return step % self.cfg.tracking.log_every == 0 or step == self.cfg.steps
 
-    def _count(self, counts: dict[str, float], batch, model_counters: dict[str, int]) -> None:
+    def _count(self, counts: dict[str, float], batch, model_counters: dict[str, int], captioning: bool) -> None:
         """Add one micro-batch's samples, tokens, padding, drops, skipped samples and FLOPs to `counts`."""
         tokens = sum(stream.num_tokens for stream in batch.streams.values())
         counts["samples"] = counts.get("samples", 0.0) + batch.num_samples
@@ -185,7 +187,7 @@ class Trainer:
                 name = key if "/" in key else f"skipped/{key.removeprefix('skipped').strip('_') or 'samples'}"
                 counts[name] = counts.get(name, 0.0) + value
         if self.peak_flops is not None:
-            counts["flops"] = counts.get("flops", 0.0) + estimate_flops(self.module.model, batch).train
+            counts["flops"] = counts.get("flops", 0.0) + estimate_flops(self.module.model, batch, captioning).train
 
     def _queue_snapshot(self) -> dict | None:
         """References to the queue tensors (they are replaced, never written in place) to undo a skipped step."""

@@ -76,6 +76,20 @@ class Objective(nn.Module):
         if config.queue.size > 0:
             self.queues = QueueBank(PAIRS, config.queue.size, embed_dim, QUEUE_DTYPES[config.queue.dtype])
 
+    def weights(self, overrides: dict[str, float] | None = None) -> dict[str, float]:
+        """Loss weights: the configured ones updated by the curriculum's `overrides`."""
+        merged = dict(self.config.weights)
+        if overrides:
+            check_weights(overrides)
+            merged.update(overrides)
+        return merged
+
+    @staticmethod
+    def captioning(weights: dict[str, float]) -> bool:
+        """Whether the caption loss counts. At weight 0 the model skips the captioning sequences; the (empty)
+        caption term stays in the graph, so every parameter still gets a gradient, but is not logged."""
+        return weights.get("caption", 0.0) > 0
+
     def _ids(self, inputs: ObjectiveInputs) -> Tensor:
         """[N, 3] (key hash, group, caption id) on the embeddings' device."""
         n = inputs.media_embeds.shape[0]
@@ -117,10 +131,7 @@ class Objective(nn.Module):
         hard_fraction: float | None = None,
     ) -> ObjectiveOutput:
         """All losses of one micro-batch; `weights` and `hard_fraction` come from the curriculum."""
-        merged = dict(self.config.weights)
-        if weights:
-            check_weights(weights)
-            merged.update(weights)
+        merged = self.weights(weights)
         batch = gather_batch(inputs.media_embeds, inputs.text_embeds, inputs.modality, self._ids(inputs), self.group)
         contrastive = self.contrastive(
             batch, self.queues, step=step, rank=dist_rank(self.group), hard_fraction=hard_fraction
@@ -135,6 +146,8 @@ class Objective(nn.Module):
             "entropy_global": routers.entropy_global,
         }
         total = sum(merged.get(name, 0.0) * value for name, value in parts.items())
+        if not self.captioning(merged):
+            parts.pop("caption")
         components = {f"loss/{name}": value.detach() for name, value in parts.items()}
         components.update({f"loss/contrastive/{k}": v.detach() for k, v in contrastive.pair_losses.items()})
         components.update(contrastive.metrics)

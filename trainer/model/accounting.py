@@ -88,8 +88,9 @@ class FlopsEstimate:
         return 3 * self.forward
 
 
-def estimate_flops(model: MultimodalModel, batch: PackedBatch) -> FlopsEstimate:
-    """FLOPs of `model` on `batch`, from the real segment lengths (no padding counted)."""
+def estimate_flops(model: MultimodalModel, batch: PackedBatch, captioning: bool = True) -> FlopsEstimate:
+    """FLOPs of `model` on `batch`, from the real segment lengths (no padding counted); `captioning` as in
+    the model's forward."""
     enc, res, llm = model.encoder, model.resampler, model.llm
     streams = [batch.streams[name] for name in ("vision", "audio") if name in batch.streams]
     tokens = sum(s.num_tokens for s in streams)
@@ -110,7 +111,7 @@ def estimate_flops(model: MultimodalModel, batch: PackedBatch) -> FlopsEstimate:
     res_flops += 2 * latents * numel(res.out_proj.weight) + 2 * n * numel(res.media_head.weight)
 
     captions = _lengths(batch.caption_cu_seqlens)
-    sequences = torch.cat([captions + k, captions])
+    sequences = torch.cat([captions + k, captions]) if captioning else captions
     rows = int(sequences.sum())
     text_cfg = llm.model.config.get_text_config()
     heads = text_cfg.num_attention_heads
@@ -118,6 +119,7 @@ def estimate_flops(model: MultimodalModel, batch: PackedBatch) -> FlopsEstimate:
     decoder = llm.model.get_decoder()
     llm_attn = 4 * heads * head_dim * int((sequences * (sequences + 1) // 2).sum()) * len(decoder.layers)
     llm_flops = 2 * rows * active_matmul_params(decoder.layers) + llm_attn
-    llm_flops += 2 * int(captions.sum()) * numel(llm.model.get_output_embeddings().weight)
+    if captioning:
+        llm_flops += 2 * int(captions.sum()) * numel(llm.model.get_output_embeddings().weight)
     llm_flops += 2 * n * numel(llm.text_projection.weight)
     return FlopsEstimate(enc_flops, res_flops, llm_flops, enc_attn + res_attn + llm_attn)

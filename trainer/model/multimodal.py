@@ -4,6 +4,7 @@ The LLM runs once on one packed row holding, for every sample, the captioning se
 [K latents ; caption tokens] and then, for every sample, the text-only sequence [caption tokens]:
 captioning logits come from the first kind (loss on caption tokens only), the text embedding from the
 last token of the second. Packed attention keeps all 2N sequences apart, so this equals two passes.
+Without captioning (its loss weight is 0) the row holds only the text-only sequences.
 
 ZeRO-3: every submodule runs every step in the same order, also on an empty micro-batch.
 """
@@ -59,6 +60,17 @@ class LLMPacking:
     """Row order: `row = cat([latents, captions, captions])[index]`."""
 
 
+def pack_text_only(caption_cu: torch.Tensor) -> LLMPacking:
+    """Layout of [caption_i] for all i: no captioning sequences (`index` orders the captions themselves)."""
+    caption_cu = caption_cu.long()
+    return LLMPacking(
+        cu_seqlens=caption_cu,
+        caption_positions=caption_cu.new_zeros(0),
+        text_last=caption_cu[1:] - 1,
+        index=torch.arange(int(caption_cu[-1]), device=caption_cu.device),
+    )
+
+
 def pack_llm_inputs(num_samples: int, num_latents: int, caption_cu: torch.Tensor) -> LLMPacking:
     """Layout of [latents_i ; caption_i] for all i, followed by [caption_i] for all i."""
     caption_cu = caption_cu.long()
@@ -90,30 +102,44 @@ class MultimodalModel(nn.Module):
         self.llm = PackedCausalLM(cfg.llm, cfg.mome, cfg.embed_dim, self.routing, backend)
         self.resampler = Resampler(cfg.resampler, cfg.encoder.dim, self.llm.hidden_size, cfg.embed_dim, backend)
 
-    def forward(self, batch: PackedBatch) -> ModelOutput:
-        """One packed micro-batch (possibly empty) -> embeddings, caption logits/targets, routing."""
+    def forward(self, batch: PackedBatch, captioning: bool = True) -> ModelOutput:
+        """One packed micro-batch (possibly empty) -> embeddings, caption logits/targets, routing.
+
+        `captioning=False` skips the [latents ; caption] sequences: empty caption logits and targets.
+        """
         with self.routing.record() as router_outputs:
             encoded = self.encoder(batch)
             n = batch.num_samples
             resampled = self.resampler(encoded.tokens, encoded.seg, n)
             caption_ids = batch.caption_ids.to(encoded.seg.device)
             captions = self.llm.embed(caption_ids)
-            k = self.cfg.resampler.num_latents
-            packing = pack_llm_inputs(n, k, batch.caption_cu_seqlens.to(caption_ids.device))
-            latents = resampled.latents.reshape(n * k, captions.shape[1]).to(captions.dtype)
-            row = torch.cat([latents, captions, captions])[packing.index]
-            media_codes = (batch.modality.to(caption_ids.device) + 1).repeat_interleave(k)
             text_codes = torch.full_like(caption_ids, TEXT)
-            modality = torch.cat([media_codes, text_codes, text_codes])[packing.index]
+            caption_cu = batch.caption_cu_seqlens.to(caption_ids.device)
+            if captioning:
+                k = self.cfg.resampler.num_latents
+                packing = pack_llm_inputs(n, k, caption_cu)
+                latents = resampled.latents.reshape(n * k, captions.shape[1]).to(captions.dtype)
+                row = torch.cat([latents, captions, captions])[packing.index]
+                media_codes = (batch.modality.to(caption_ids.device) + 1).repeat_interleave(k)
+                modality = torch.cat([media_codes, text_codes, text_codes])[packing.index]
+                targets = caption_ids
+            else:
+                packing = pack_text_only(caption_cu)
+                row, modality, targets = captions, text_codes, caption_ids[:0]
             max_seqlen = int((packing.cu_seqlens[1:] - packing.cu_seqlens[:-1]).max()) if n else 0
             hidden = self.llm(row, packing.cu_seqlens, max_seqlen, modality)
-            caption_logits = self.llm.logits(hidden[packing.caption_positions - 1])
+            caption_rows = hidden[packing.caption_positions - 1]
+            if not captioning:
+                # No rows, but the latents stay in the graph: every parameter gets a (zero) gradient every
+                # step, as on an empty micro-batch (ZeRO-3 resumes exactly only then).
+                caption_rows = caption_rows + 0.0 * resampled.latents.sum()
+            caption_logits = self.llm.logits(caption_rows)
             text_embeds = self.llm.text_projection(hidden[packing.text_last])
         counters = {
             "encoder_tokens": int(encoded.tokens.shape[0]),
             "llm_tokens": int(row.shape[0]),
             "dropped_assignments": sum(r.dropped for r in router_outputs),
         }
-        return ModelOutput(resampled.media_embeds, text_embeds, caption_logits, caption_ids,
+        return ModelOutput(resampled.media_embeds, text_embeds, caption_logits, targets,
                            list(router_outputs), counters)
 
