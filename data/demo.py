@@ -6,8 +6,12 @@ digit's DTMF telephone tone, a video shows the digit moving in one of four direc
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import multiprocessing
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +41,10 @@ MODALITY_CYCLE = ("image", "audio", "video")
 MIN_LUMA_CONTRAST = 0.3
 
 
+DEMO_VERSION = 2
+"""Bumped whenever the same spec would give other samples (2: images and videos grouped by source digit)."""
+
+
 @dataclass(frozen=True)
 class DemoSpec:
     """How many demo samples to make and how to split them."""
@@ -45,6 +53,12 @@ class DemoSpec:
     seed: int = 0
     samples_per_shard: int = 100
     eval_fraction: float = 0.1
+
+    @property
+    def dirname(self) -> str:
+        """Folder name that identifies these samples, so data built from another spec is never reused."""
+        return (f"v{DEMO_VERSION}-n{self.samples}-seed{self.seed}-shard{self.samples_per_shard}"
+                f"-eval{self.eval_fraction:g}")
 
 
 def _luma(rgb: tuple[int, int, int]) -> float:
@@ -142,37 +156,64 @@ def make_video(digit_image: np.ndarray, digit: int, rng: np.random.Generator) ->
     return buf.getvalue(), caption, {"direction": direction, "frames": frames}
 
 
-def demo_samples(spec: DemoSpec):
-    """Yield the demo samples as WebDataset dicts, deterministically for `spec.seed`."""
+@functools.lru_cache(maxsize=4)
+def _digits(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The 8x8 digit images, their labels and the keyed order in which samples draw them (once per process)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    order = keyed_rng(spec.seed, "demo-order").permutation(len(digits.target))
-    for i in range(spec.samples):
-        modality = MODALITY_CYCLE[i % 3]
-        rng = keyed_rng(spec.seed, "demo-sample", i)
-        source = int(order[(i // 3) % len(order)])
-        digit = int(digits.target[source])
-        key = f"demo{i:07d}"
-        if modality == "image":
-            media, caption, extra = make_image(digits.images[source], digit, rng)
-            ext, group = "jpg", f"digit-image-{source}"
-        elif modality == "audio":
-            media, caption, extra = make_audio(digit, rng)
-            ext, group = "flac", f"tone-{key}"
-        else:
-            media, caption, extra = make_video(digits.images[source], digit, rng)
-            ext, group = "mp4", f"digit-video-{source}"
-        meta = {"key": key, "group": group, "modality": modality, "digit": digit, "caption": caption,
-                "split": "eval" if is_heldout(group, spec.eval_fraction) else "train", **extra}
-        yield {"__key__": key, ext: media, "txt": caption, "json": json.dumps(meta, sort_keys=True)}
+    return digits.images, digits.target, keyed_rng(seed, "demo-order").permutation(len(digits.target))
 
 
-def write_demo(out: str | Path, spec: DemoSpec) -> tuple[list[Path], dict[str, int]]:
-    """Write the demo shards into `out`; returns the shard paths and the count per modality."""
+def demo_sample(spec: DemoSpec, i: int) -> dict:
+    """Sample `i` as a WebDataset dict, a pure function of (seed, i).
+
+    The group is the source digit for images and videos alike, so a held-out handwritten digit is
+    unseen in every modality (an image and a video drawn from one bitmap are near-duplicates).
+    """
+    images, targets, order = _digits(spec.seed)
+    modality = MODALITY_CYCLE[i % 3]
+    rng = keyed_rng(spec.seed, "demo-sample", i)
+    source = int(order[(i // 3) % len(order)])
+    digit = int(targets[source])
+    key = f"demo{i:07d}"
+    group = f"digit-{source}"
+    if modality == "image":
+        media, caption, extra = make_image(images[source], digit, rng)
+        ext = "jpg"
+    elif modality == "audio":
+        media, caption, extra = make_audio(digit, rng)
+        ext, group = "flac", f"tone-{key}"
+    else:
+        media, caption, extra = make_video(images[source], digit, rng)
+        ext = "mp4"
+    meta = {"key": key, "group": group, "modality": modality, "digit": digit, "caption": caption,
+            "split": "eval" if is_heldout(group, spec.eval_fraction) else "train", **extra}
+    return {"__key__": key, ext: media, "txt": caption, "json": json.dumps(meta, sort_keys=True)}
+
+
+def _pool_sample(args: tuple[DemoSpec, int]) -> dict:
+    """`demo_sample` for a process pool."""
+    return demo_sample(*args)
+
+
+def demo_samples(spec: DemoSpec, workers: int = 1) -> Iterator[dict]:
+    """The demo samples in order; `workers` > 1 encodes them in a process pool (same bytes)."""
+    tasks = ((spec, i) for i in range(spec.samples))
+    if workers <= 1:
+        yield from map(_pool_sample, tasks)
+        return
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(_pool_sample, tasks, chunksize=16)
+
+
+def write_demo(out: str | Path, spec: DemoSpec, workers: int | None = None) -> tuple[list[Path], dict[str, int]]:
+    """Write the demo shards into `out` (encoding on `workers` processes, default all cores); returns the
+    shard paths and the count per modality."""
     counts = {m: 0 for m in MODALITY_CYCLE}
+    workers = len(os.sched_getaffinity(0)) if workers is None else workers
     with ShardSink(out, prefix="demo", samples_per_shard=spec.samples_per_shard) as sink:
-        for sample in demo_samples(spec):
+        for sample in demo_samples(spec, workers):
             counts[json.loads(sample["json"])["modality"]] += 1
             sink.write(sample)
     return sink.paths, counts

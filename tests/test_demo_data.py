@@ -11,8 +11,10 @@ import numpy as np
 import soundfile
 from PIL import Image
 
-from plait.data.demo import DTMF_HZ, SAMPLE_RATE, contrasting_pairs, _luma, COLOURS
+from plait.data.demo import COLOURS, DTMF_HZ, SAMPLE_RATE, DemoSpec, _luma, contrasting_pairs, write_demo
 from plait.data.manifest import read_index, read_manifest
+from plait.trainer.config import load_config
+from plait.trainer.data_walk import dataset_for
 
 from conftest import run_plait
 
@@ -74,3 +76,33 @@ def test_split_is_by_group(demo_dir) -> None:
     rows = [r for m in sorted(demo_dir.glob("*.plait.parquet")) for r in read_manifest(m).to_pylist()]
     assert len(rows) == 60 and all(r["status"] == "ok" for r in rows)
     assert read_index(demo_dir).num_rows == 3
+    # The image and the video drawn from one handwritten digit share its group, hence its split.
+    rows.sort(key=lambda r: r["key"])
+    for image, audio, video in zip(rows[0::3], rows[1::3], rows[2::3]):
+        assert (image["modality"], audio["modality"], video["modality"]) == ("image", "audio", "video")
+        assert image["group"] == video["group"] != audio["group"]
+    split = {}
+    for shard in sorted(demo_dir.glob("*.tar")):
+        for sample in _members(shard).values():
+            meta = json.loads(sample["json"])
+            assert split.setdefault(meta["group"], meta["split"]) == meta["split"]
+
+
+def test_parallel_build_is_byte_identical(tmp_path) -> None:
+    spec = DemoSpec(samples=24, samples_per_shard=10, seed=5)
+    one, _ = write_demo(tmp_path / "one", spec, workers=1)
+    two, counts = write_demo(tmp_path / "two", spec, workers=2)
+    assert counts == {"image": 8, "audio": 8, "video": 8} and [p.name for p in one] == [p.name for p in two]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, two))
+
+
+def test_run_builds_each_demo_spec_in_its_own_folder(tmp_path) -> None:
+    small = load_config(None, [f"data.demo.out={tmp_path}", "data.demo.samples=9", "data.demo.samples_per_shard=5"])
+    index = dataset_for(small)
+    assert index.root == tmp_path / DemoSpec(samples=9, samples_per_shard=5).dirname
+    assert [n.rsplit("/", 1)[-1] for n in index.names] == ["demo-000000.tar", "demo-000001.tar"]
+    # Another sample count never reuses the folder built for the first one.
+    larger = dataset_for(load_config(None, [f"data.demo.out={tmp_path}", "data.demo.samples=12",
+                                            "data.demo.samples_per_shard=5"]))
+    assert larger.root != index.root and len(larger.names) == 3
+    assert dataset_for(small).root == index.root

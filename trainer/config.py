@@ -24,7 +24,7 @@ class DemoDataConfig:
     """The built-in demo dataset, built on first use when `data.shards` is empty."""
 
     out: str = ".plait/demo-data"
-    """Folder the demo shards are written to (reused when already there)."""
+    """Folder holding one sub-folder per demo spec (version, samples, seed, shard size), built on first use."""
     samples: int = 600
     """Number of demo samples over the three modalities."""
     samples_per_shard: int = 100

@@ -31,12 +31,14 @@ def dataset_for(cfg: RunConfig) -> DatasetIndex:
     """The run's indexed dataset: `data.shards`, or the demo data (written and indexed on first use)."""
     if cfg.data.shards:
         return DatasetIndex.from_spec(cfg.data.shards)
-    out = Path(cfg.data.demo.out)
+    from plait.data.demo import DemoSpec, write_demo
+
+    spec = DemoSpec(samples=cfg.data.demo.samples, samples_per_shard=cfg.data.demo.samples_per_shard)
+    out = Path(cfg.data.demo.out) / spec.dirname
     if not (out / INDEX_NAME).exists():
-        from plait.data.demo import DemoSpec, write_demo
         from plait.data.indexer import index_dataset
 
-        write_demo(out, DemoSpec(samples=cfg.data.demo.samples, samples_per_shard=cfg.data.demo.samples_per_shard))
+        write_demo(out, spec)
         index_dataset(str(out), out=out, workers=1)
     return DatasetIndex(out)
 
