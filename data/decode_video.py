@@ -12,7 +12,6 @@ import io
 import itertools
 import logging
 import math
-import threading
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from typing import Literal
@@ -30,10 +29,6 @@ logger = logging.getLogger(__name__)
 SamplingMode = Literal["uniform", "random", "dense"]
 """`uniform`: TSN at eval (segment centres); `random`: TSN in training (one random frame per segment);
 `dense`: consecutive frames at a chosen frame rate."""
-_RGB = threading.local()
-"""Per-thread `VideoReformatter`: reusing one keeps libswscale's cached context (about 10x faster per frame
-than `to_ndarray(width=..)`, which builds a new one every call)."""
-
 _END_SLACK = 3  # frame counts from headers or duration x fps can overstate by a frame or two; more is a cut file
 
 
@@ -179,14 +174,6 @@ def _decode_wanted(container: av.container.InputContainer, stream: av.video.stre
         yield target, current, latest
 
 
-def _to_rgb(frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
-    """The frame as uint8 [height, width, 3] RGB, bilinear-scaled."""
-    if not hasattr(_RGB, "reformatter"):
-        _RGB.reformatter = VideoReformatter()
-    scaled = _RGB.reformatter.reformat(frame, width=width, height=height, format="rgb24", interpolation="BILINEAR")
-    return scaled.to_ndarray()
-
-
 def decode_video(data: bytes, indices: Sequence[int] | np.ndarray, height: int | None = None,
                  width: int | None = None, *, seek_gap: int = 48, max_pixels: int = MAX_IMAGE_PIXELS,
                  threads: int = 1) -> torch.Tensor:
@@ -206,13 +193,17 @@ def decode_video(data: bytes, indices: Sequence[int] | np.ndarray, height: int |
     stream.codec_context.thread_count = threads
     size = {"width": width or stream.codec_context.width, "height": height or stream.codec_context.height}
     got: dict[int, np.ndarray] = {}
+    # One single-threaded scaler per clip: `to_ndarray(width=..)` starts a libswscale thread pool for every
+    # frame (about 10x the cost), and a pool inherited through fork would hang a DataLoader worker.
+    rgb = VideoReformatter()
     try:
         last_frame, last_pixels = None, None  # a frame reused for several targets is converted once
         for target, index, frame in _decode_wanted(container, stream, targets, seek_gap):
             if target - index > _END_SLACK:
                 raise DecodeError("truncated", f"frame {target} wanted, the stream ends at frame {index}")
             if frame is not last_frame:
-                last_frame, last_pixels = frame, _to_rgb(frame, **size)
+                scaled = rgb.reformat(frame, format="rgb24", interpolation="BILINEAR", threads=1, **size)
+                last_frame, last_pixels = frame, scaled.to_ndarray()
             got[target] = last_pixels
     except av.FFmpegError as err:
         logger.debug("video decode stopped early: %s", err)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import multiprocessing
+import os
 from pathlib import Path
 
 import av
@@ -170,3 +172,20 @@ def test_cut_faststart_mp4_decodes_its_head_and_reports_its_tail(tmp_path: Path)
     with pytest.raises(DecodeError) as err:
         decode_video(head, [0, 60, 115])
     assert err.value.reason == "truncated"
+
+
+def _decoded_shape(data: bytes) -> tuple[int, ...]:
+    return tuple(decode_video(data, [0, 5], 16, 16).shape)
+
+
+def test_scaling_starts_no_threads_so_forked_workers_decode(numbered: bytes) -> None:
+    def native_threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    decode_video(numbered, [0, 5], 16, 16)  # the parent scales first, as the loader does with 0 workers
+    before = native_threads()
+    assert decode_video(numbered, [1, 7, 9], 16, 16).shape == (3, 3, 16, 16)
+    assert native_threads() == before
+    # A scaler thread pool inherited through fork hung DataLoader workers; a forked child must decode.
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_decoded_shape, (numbered,)).get(timeout=60) == (2, 3, 16, 16)
