@@ -192,19 +192,14 @@ def demo_sample(spec: DemoSpec, i: int) -> dict:
     return {"__key__": key, ext: media, "txt": caption, "json": json.dumps(meta, sort_keys=True)}
 
 
-def _pool_sample(args: tuple[DemoSpec, int]) -> dict:
-    """`demo_sample` for a process pool."""
-    return demo_sample(*args)
-
-
 def demo_samples(spec: DemoSpec, workers: int = 1) -> Iterator[dict]:
     """The demo samples in order; `workers` > 1 encodes them in a process pool (same bytes)."""
-    tasks = ((spec, i) for i in range(spec.samples))
+    make = functools.partial(demo_sample, spec)
     if workers <= 1:
-        yield from map(_pool_sample, tasks)
+        yield from map(make, range(spec.samples))
         return
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        yield from pool.imap(_pool_sample, tasks, chunksize=16)
+        yield from pool.imap(make, range(spec.samples), chunksize=16)
 
 
 def write_demo(out: str | Path, spec: DemoSpec, workers: int | None = None) -> tuple[list[Path], dict[str, int]]:

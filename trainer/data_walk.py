@@ -55,9 +55,10 @@ def curriculum_values(cfg: RunConfig) -> ValuesAt:
 
 
 def build_plan(cfg: RunConfig, world_size: int, ranks: list[int] | None = None, plan_cfg: PlanConfig | None = None,
-               agree: AgreeMax | None = None) -> SamplePlan:
-    """The sample plan of a run for `ranks` (default all) of `world_size` ranks."""
-    return SamplePlan(dataset_for(cfg), seed=cfg.seed, sizing=cfg.data.sizing, token_drop=cfg.data.token_drop,
+               agree: AgreeMax | None = None, index: DatasetIndex | None = None) -> SamplePlan:
+    """The sample plan of a run for `ranks` (default all) of `world_size` ranks, over `index` (default: the
+    run's dataset, opened here)."""
+    return SamplePlan(index or dataset_for(cfg), seed=cfg.seed, sizing=cfg.data.sizing, token_drop=cfg.data.token_drop,
                       packing=cfg.data.packing, values_at=curriculum_values(cfg), world_size=world_size,
                       ranks=ranks, config=plan_cfg or cfg.data.plan, agree=agree, fingerprint_extra=cfg.curriculum.fingerprint())
 

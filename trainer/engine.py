@@ -37,6 +37,8 @@ class TrainOutput:
     """Model counters (encoder/LLM tokens, capacity drops)."""
     expert_counts: torch.Tensor
     """[layers, token modalities, experts] int64 router assignments (empty without MoME layers)."""
+    captioning: bool
+    """Whether the model ran the captioning sequences (the caption loss weight is above 0)."""
 
 
 class TrainModule(nn.Module):
@@ -50,7 +52,8 @@ class TrainModule(nn.Module):
     def forward(self, batch: PackedBatch, step: int, weights: dict[str, float] | None = None,
                 hard_fraction: float | None = None) -> TrainOutput:
         """Model forward and every loss of one packed micro-batch at optimizer step `step`."""
-        out = self.model(batch, captioning=self.objective.captioning(self.objective.weights(weights)))
+        captioning = self.objective.captioning(self.objective.weights(weights))
+        out = self.model(batch, captioning=captioning)
         inputs = ObjectiveInputs(
             media_embeds=out.media_embeds,
             text_embeds=out.text_embeds,
@@ -66,7 +69,7 @@ class TrainModule(nn.Module):
         experts = self.model.cfg.mome.num_experts
         counts = [assignment_counts(r, experts) for r in out.router_outputs]
         expert_counts = torch.stack(counts) if counts else torch.zeros(0, 0, experts, dtype=torch.long)
-        return TrainOutput(result.loss, result.components, out.counters, expert_counts.detach())
+        return TrainOutput(result.loss, result.components, out.counters, expert_counts.detach(), captioning)
 
     @torch.no_grad()
     def embed(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:

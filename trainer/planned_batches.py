@@ -81,10 +81,10 @@ class PlannedBatches:
     def __init__(self, cfg: RunConfig, rank: int, world_size: int) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.accumulation = cfg.deepspeed.gradient_accumulation_steps
-        index = prepare_data(cfg)
+        self.index = index = prepare_data(cfg)
         check_shards([index.shard_url(i) for i in range(len(index.names))])
         self.tokenizer = resolve_tokenizer(cfg, index)
-        self.plan = build_plan(cfg, world_size, ranks=[rank])
+        self.plan = build_plan(cfg, world_size, ranks=[rank], index=index)
         self._loader: PlanLoader | None = None
         self._batches: Iterator[PackedBatch] | None = None
         self._eval: list[PackedBatch] | None = None
@@ -99,7 +99,7 @@ class PlannedBatches:
         """Loader over the run's remaining plan steps, starting where the plan copy stands."""
         total = self.cfg.steps * self.accumulation
         start = self.plan.state.step
-        worker_plan = build_plan(self.cfg, self.world, ranks=[self.rank])
+        worker_plan = build_plan(self.cfg, self.world, ranks=[self.rank], index=self.index)
         worker_plan.load_state_dict(self.plan.state_dict())
         self._loader = PlanLoader(self._dataset(worker_plan, max(total, start), True), self.cfg.data.workers,
                                   self.cfg.data.max_consecutive_failures, start_step=start)
@@ -119,11 +119,11 @@ class PlannedBatches:
         """The held-out split, one pass, decoded once (every rank gets the same number of batches)."""
         if self._eval is None:
             cfg = self.cfg
-            eval_plan = build_plan(cfg, self.world, ranks=[self.rank],
-                                   plan_cfg=dataclasses.replace(cfg.data.plan, split="eval"))
+            eval_cfg = dataclasses.replace(cfg.data.plan, split="eval")
+            eval_plan = build_plan(cfg, self.world, ranks=[self.rank], plan_cfg=eval_cfg, index=self.index)
             steps = 0
             samples = 0
-            probe = build_plan(cfg, self.world, plan_cfg=dataclasses.replace(cfg.data.plan, split="eval"))
+            probe = build_plan(cfg, self.world, plan_cfg=eval_cfg, index=self.index)
             while probe.upcoming_epoch() == 0 and samples < cfg.eval.max_samples:
                 samples += sum(len(s.plan.samples) for s in probe.next_step())
                 steps += 1

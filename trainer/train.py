@@ -130,8 +130,6 @@ class Trainer:
         values = self.curriculum.at(self.step)
         lrs = apply_schedule(self.engine.optimizer, self.step, self.cfg.optim, self.cfg.steps, values)
         weights = values.loss_weights if "loss_weights" in self.explicit else None
-        objective = self.module.objective
-        captioning = objective.captioning(objective.weights(weights))
         hard = values.hard_negative_ratio if "hard_negative_ratio" in self.explicit else None
         queues = self._queue_snapshot()
         components: dict[str, float] = {}
@@ -149,7 +147,7 @@ class Trainer:
             loss_sum += float(out.loss.detach())
             for key, value in out.components.items():
                 components[key] = components.get(key, 0.0) + float(value) / gas
-            self._count(counts, batch, out.counters, captioning)
+            self._count(counts, batch, out.counters, out.captioning)
             experts = out.expert_counts if experts is None else experts + out.expert_counts
         self.losses.append(loss_sum / gas)
         if not self.engine.was_step_applied():
