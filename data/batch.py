@@ -1,13 +1,30 @@
-"""The packed batch contract between the data plane and the model (see DESIGN.md)."""
+"""The packed batch contract between the data plane and the model (see docs/architecture.md)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 MODALITIES = ("image", "audio", "video")
-"""Media modalities, in the order of their integer codes in `PackedBatch.modality`."""
+"""Media modalities, in the order of their integer codes in `PackedBatch.modality` (media codes)."""
+
+IMAGE, AUDIO, VIDEO = (MODALITIES.index(m) for m in ("image", "audio", "video"))
+"""Media codes by name."""
+
+TOKEN_MODALITIES = ("text", *MODALITIES)
+"""Token modality codes of encoder, LLM and router tokens (index = code): text, then the media in media-code order."""
+
+TEXT_TOKEN = TOKEN_MODALITIES.index("text")
+"""Token modality code of text tokens."""
+
+_MEDIA_TOKEN_OFFSET = TOKEN_MODALITIES.index(MODALITIES[0])
+
+
+def token_code(media_code: torch.Tensor) -> torch.Tensor:
+    """Token modality codes (index into TOKEN_MODALITIES) of media codes (index into MODALITIES)."""
+    return media_code + _MEDIA_TOKEN_OFFSET
+
 
 STREAM_OF_MODALITY = {"image": "vision", "video": "vision", "audio": "audio"}
 """Encoder stream that carries each media modality."""
@@ -59,3 +76,13 @@ class PackedBatch:
     def num_samples(self) -> int:
         """Samples in this micro-batch (zero is allowed)."""
         return len(self.sample_key)
+
+    def to(self, device: torch.device | str) -> PackedBatch:
+        """The batch with every tensor on `device` (asynchronous from pinned memory); counters stay on the host."""
+        def move(x: torch.Tensor) -> torch.Tensor:
+            return x.to(device, non_blocking=True)
+
+        streams = {name: replace(s, patches=move(s.patches), coords=move(s.coords), seg=move(s.seg),
+                                 cu_seqlens=move(s.cu_seqlens)) for name, s in self.streams.items()}
+        return replace(self, streams=streams, modality=move(self.modality), group=move(self.group),
+                       caption_ids=move(self.caption_ids), caption_cu_seqlens=move(self.caption_cu_seqlens))

@@ -66,12 +66,6 @@ def exif_orientation(img: Image.Image) -> int:
     return value if value in _UPRIGHT else 1
 
 
-def upright_size(img: Image.Image) -> tuple[int, int]:
-    """(width, height) as displayed, i.e. after the EXIF orientation is applied."""
-    width, height = img.size
-    return (height, width) if exif_orientation(img) in _SWAPS_AXES else (width, height)
-
-
 def _rgb_pixels(img: Image.Image) -> np.ndarray:
     """Writable uint8 [H, W, 3] RGB pixels; transparent pixels are composited over white.
 

@@ -120,6 +120,26 @@ def video_codec() -> str:
     return "libx264" if "libx264" in av.codecs_available else "mpeg4"
 
 
+def encode_mp4(frames: list[np.ndarray], fps: int) -> bytes:
+    """uint8 [H, W, 3] RGB frames as an mp4, the same bytes on every run (constant QP, one thread)."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        codec = video_codec()
+        # Constant QP: x264's CRF lookahead made the same frames encode differently run to run.
+        stream = container.add_stream(codec, rate=fps, options={"qp": "20"} if codec == "libx264" else {})
+        stream.codec_context.thread_count = 1
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for i, pixels in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
 def make_video(digit_image: np.ndarray, digit: int, rng: np.random.Generator) -> tuple[bytes, str, dict]:
     """The digit moving across the frame in one of four directions, 8–32 frames, as mp4."""
     frames = int(rng.integers(8, 33))
@@ -131,29 +151,17 @@ def make_video(digit_image: np.ndarray, digit: int, rng: np.random.Generator) ->
     fg, bg = pairs[int(rng.integers(len(pairs)))]
     mask = _digit_mask(digit_image, glyph, glyph)
     travel = size - glyph
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
-        codec = video_codec()
-        # Constant QP: x264's CRF lookahead made the same frames encode differently run to run.
-        stream = container.add_stream(codec, rate=10, options={"qp": "20"} if codec == "libx264" else {})
-        stream.codec_context.thread_count = 1
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(frames):
-            progress = i / (frames - 1)
-            # Start at the edge opposite the direction of motion and cross the frame.
-            x = round(travel * (progress if dx > 0 else 1 - progress)) if dx else travel // 2
-            y = round(travel * (progress if dy > 0 else 1 - progress)) if dy else travel // 2
-            canvas = np.zeros((size, size), np.float32)
-            canvas[y:y + glyph, x:x + glyph] = mask
-            frame = av.VideoFrame.from_ndarray(_paint(canvas, fg, bg, rng), format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    pictures = []
+    for i in range(frames):
+        progress = i / (frames - 1)
+        # Start at the edge opposite the direction of motion and cross the frame.
+        x = round(travel * (progress if dx > 0 else 1 - progress)) if dx else travel // 2
+        y = round(travel * (progress if dy > 0 else 1 - progress)) if dy else travel // 2
+        canvas = np.zeros((size, size), np.float32)
+        canvas[y:y + glyph, x:x + glyph] = mask
+        pictures.append(_paint(canvas, fg, bg, rng))
     caption = f"a {digit} moving to the {direction}" if dx else f"a {digit} moving {direction}"
-    return buf.getvalue(), caption, {"direction": direction, "frames": frames}
+    return encode_mp4(pictures, fps=10), caption, {"direction": direction, "frames": frames}
 
 
 @functools.lru_cache(maxsize=4)

@@ -14,7 +14,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -22,17 +22,15 @@ from transformers import PreTrainedTokenizerBase
 
 from plait.data.batch import PackedBatch
 from plait.data.checks import check_at_least, check_positive
-from plait.data.decode_audio import LogMelConfig, SpecAugmentConfig, decode_audio, spec_augment
+from plait.data.decode_audio import SpecAugmentConfig
 from plait.data.decode_errors import DECODE_REASONS, DecodeError
-from plait.data.decode_image import decode_image
-from plait.data.decode_video import decode_video, sample_frame_indices
 from plait.data.manifest import caption_and_group
-from plait.data.media import modality_of, probe
+from plait.data.media import modality_of
 from plait.data.packing import PackingConfig, PatchedSample, pack_samples
-from plait.data.patchify import patchify_audio, patchify_image, patchify_video
 from plait.data.plan_types import MicroBatchPlan, SampleRef
 from plait.data.reader import READ_REASONS, fetch_samples
-from plait.data.rng import keyed_rng, keyed_seed
+from plait.data.preprocess import SampleDecoder
+from plait.data.rng import key_id
 from plait.data.sizing import SizingConfig
 from plait.data.tar_scan import ScannedSample
 from plait.data.tokenizer import encode_captions
@@ -103,15 +101,9 @@ class TooManyFailures(RuntimeError):
     """Raised after `max_consecutive_failures` bad samples in a row; names the last one."""
 
 
-def log_mel_config(sizing: SizingConfig) -> LogMelConfig:
-    """The audio front end implied by the sizing config (n_mels and hop come from there only)."""
-    base = LogMelConfig(n_mels=sizing.n_mels)
-    return replace(base, hop_length=round(base.sample_rate * sizing.hop_ms / 1000.0))
-
-
 def group_id(group: str) -> int:
-    """A stable 63-bit integer for a manifest group string (equal strings, equal ids, in every process)."""
-    return keyed_seed(0, "group", group)
+    """The `PackedBatch.group` id of a manifest group string (`rng.key_id`: equal strings, equal ids)."""
+    return key_id(group)
 
 
 def media_member(sample: ScannedSample, modality: str) -> tuple[str, bytes]:
@@ -121,57 +113,6 @@ def media_member(sample: ScannedSample, modality: str) -> tuple[str, bytes]:
         if modality_of(kind) == modality and member.data is not None:
             return kind, member.data
     raise DecodeError("empty", f"no {modality} member among {sorted(sample.members)}")
-
-
-def to_unit_float(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 → float32 in [0, 1] in one pass (patchifying the uint8 pixels first moves 4x fewer bytes)."""
-    return torch.div(pixels, 255.0)
-
-
-class SampleDecoder:
-    """Bytes of one planned sample → (patches, coords) on the grid the plan chose."""
-
-    def __init__(self, sizing: SizingConfig, cfg: LoaderConfig) -> None:
-        self.sizing = sizing
-        self.cfg = cfg
-        self.mel = log_mel_config(sizing)
-
-    def patches(self, ref: SampleRef, sample: ScannedSample) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode and patchify; raises DecodeError for unusable media."""
-        kind, data = media_member(sample, ref.modality)
-        if ref.modality == "image":
-            return self.image(ref, data)
-        if ref.modality == "video":
-            return self.video(ref, kind, data)
-        return self.audio(ref, data)
-
-    def image(self, ref: SampleRef, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draft-decode straight to the grid's pixel size, then cut into patches."""
-        p, grid = self.sizing.patch_size, ref.grid
-        patches, coords = patchify_image(decode_image(data, grid.h * p, grid.w * p), grid.h, grid.w, p,
-                                         self.sizing.temporal_patch)
-        return to_unit_float(patches), coords
-
-    def video(self, ref: SampleRef, kind: str, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode the grid's frames from its time window (dense sampling, keyed offset), then tubelets."""
-        p, grid = self.sizing.patch_size, ref.grid
-        try:
-            info = probe(kind, data)
-        except ValueError as err:
-            raise DecodeError("undecodable", str(err)) from None
-        indices = sample_frame_indices(int(info["frames"]), float(info["fps"]), grid.frames, "dense",
-                                       keyed_rng(ref.augment_seed), start_s=grid.start_s, span_s=grid.span_s,
-                                       sample_fps=self.sizing.video_sample_fps)
-        frames = decode_video(data, indices, grid.h * p, grid.w * p)
-        patches, coords = patchify_video(frames, grid.t, grid.h, grid.w, p, self.sizing.temporal_patch)
-        return to_unit_float(patches), coords
-
-    def audio(self, ref: SampleRef, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-mel of the grid's crop, SpecAugment keyed by the sample, then (time, mel) patches."""
-        mel = decode_audio(data, self.mel, ref.grid.start_s, ref.grid.span_s)
-        if self.cfg.spec_augment:
-            mel = spec_augment(mel, self.cfg.spec, keyed_rng(ref.augment_seed))
-        return patchify_audio(mel, ref.grid.h, self.sizing.audio_patch)
 
 
 class PlanDataset(Dataset):
@@ -186,7 +127,7 @@ class PlanDataset(Dataset):
         self.tokenizer = tokenizer
         self.packing = packing
         self.cfg = cfg or LoaderConfig()
-        self.decoder = SampleDecoder(sizing, self.cfg)
+        self.decoder = SampleDecoder(sizing, self.cfg.spec if self.cfg.spec_augment else None)
 
     def __len__(self) -> int:
         return self.num_steps
@@ -211,7 +152,8 @@ class PlanDataset(Dataset):
                 caption, _ = caption_and_group(fetched.sample, ref.key)
                 if not caption:
                     raise DecodeError("empty", "no caption")
-                patches, coords = self.decoder.patches(ref, fetched.sample)
+                kind, data = media_member(fetched.sample, ref.modality)
+                patches, coords = self.decoder.encoded(ref.modality, kind, data, ref.grid, ref.augment_seed)
             except (DecodeError, ValueError) as err:
                 reason = err.reason if isinstance(err, DecodeError) else "undecodable"
                 skips.append(Skip(position, ref.shard, ref.key, reason, str(err)))

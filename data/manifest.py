@@ -31,6 +31,9 @@ SAMPLE_SCHEMA = pa.schema([
     ("duration", pa.float32()), ("sample_rate", pa.int32()), ("caption_chars", pa.int32()),
 ])
 
+MANIFEST_FLOAT32 = tuple(f.name for f in SAMPLE_SCHEMA if f.type == pa.float32())
+"""Metadata stored as float32: sizing sees these values rounded so, on every path."""
+
 SHARD_SCHEMA = pa.schema([
     ("shard", pa.string()), ("manifest", pa.string()), ("status", pa.string()), ("samples", pa.int64()),
     ("ok", pa.int64()), ("bad", pa.int64()), ("image", pa.int64()), ("audio", pa.int64()), ("video", pa.int64()),

@@ -1,6 +1,6 @@
 """NaViT packing: first-fit-decreasing bins over sample lengths, and PackedBatch building/unpacking.
 
-Planning works on lengths only (`pack_lengths`, `balance_bins`), so the plan packs from metadata.
+Planning works on lengths only (`pack_lengths`), so the plan packs from metadata.
 Building (`pack_samples`) concatenates the patched samples of one bin per encoder stream, drops
 tokens with each sample's keyed seed, and pads only at the tail of each stream.
 """
@@ -17,6 +17,7 @@ import torch
 from plait.data.batch import MODALITIES, STREAM_OF_MODALITY, PackedBatch, PackedStream
 from plait.data.checks import check_at_least
 from plait.data.token_drop import kept_mask
+from plait.kernels.segments import cu_from_starts, cu_to_lengths, lengths_to_cu
 
 STREAMS = ("vision", "audio")
 """Encoder stream names, in the order they are built."""
@@ -123,27 +124,6 @@ def segment_costs(num_kept: np.ndarray, t: np.ndarray, frame_segments: bool) -> 
     return kept**2 / np.asarray(t, dtype=np.float64) if frame_segments else kept**2
 
 
-def balance_bins(bin_cost: np.ndarray, num_ranks: int) -> np.ndarray:
-    """[steps, num_ranks] bin ids (-1 = empty micro-batch) giving every rank the same step count.
-
-    Bins are sorted by cost and dealt a step at a time, so the bins of one step cost about the
-    same (no rank waits at the step's all-reduce); within a step the heaviest bin goes to the
-    rank with the least cost so far. Steps come heaviest first; the plan may shuffle their order.
-    """
-    order = np.argsort(-np.asarray(bin_cost, dtype=np.float64), kind="stable")
-    steps = -(-len(order) // num_ranks)
-    table = np.full(steps * num_ranks, -1, dtype=np.int64)
-    table[: len(order)] = order
-    table = table.reshape(steps, num_ranks)
-    padded_cost = np.append(np.asarray(bin_cost, dtype=np.float64), 0.0)
-    load = np.zeros(num_ranks)
-    for step in range(steps):
-        rank_order = np.argsort(load, kind="stable")
-        table[step, rank_order] = table[step].copy()
-        load += padded_cost[table[step]]
-    return table
-
-
 @dataclass
 class PatchedSample:
     """One decoded and patchified sample, ready to pack."""
@@ -167,12 +147,11 @@ class PatchedSample:
 
 
 def _segment_starts(seg: torch.Tensor, t: torch.Tensor, frame_segments: bool) -> torch.Tensor:
-    """Row indices where a new attention segment starts (new sample, or new frame group)."""
+    """[T] bool: rows that start an attention segment (the first row, a new sample, or a new frame group)."""
     change = seg[1:] != seg[:-1]
     if frame_segments:
         change |= t[1:] != t[:-1]
-    starts = torch.nonzero(change).flatten() + 1
-    return torch.cat([torch.zeros(1, dtype=torch.long), starts]) if len(seg) else starts
+    return torch.cat([torch.ones(min(len(seg), 1), dtype=torch.bool), change])
 
 
 def padded_length(num_tokens: int, cfg: PackingConfig) -> int:
@@ -198,16 +177,15 @@ def build_stream(samples: Sequence[PatchedSample], indices: Sequence[int],
         mask = torch.from_numpy(kept_mask(np.array([s.drop_seed for s in members], dtype=np.uint64), sizes, kept))
         patches, coords = patches[mask], coords[mask]
     seg = torch.repeat_interleave(torch.as_tensor(indices, dtype=torch.long), torch.from_numpy(kept))
-    starts = _segment_starts(seg, coords[:, 0], cfg.video_frame_segments)
+    cu_seqlens = cu_from_starts(_segment_starts(seg, coords[:, 0], cfg.video_frame_segments)).to(torch.int32)
     num_tokens = len(seg)
-    cu_seqlens = torch.cat([starts, torch.tensor([num_tokens])]).to(torch.int32)
     padding = padded_length(num_tokens, cfg) - num_tokens
     stream = PackedStream(
         patches=torch.cat([patches, patches.new_zeros(padding, patches.shape[1])]),
         coords=torch.cat([coords, coords.new_zeros(padding, 3)]),
         seg=torch.cat([seg, seg.new_full((padding,), -1)]),
         cu_seqlens=cu_seqlens,
-        max_seqlen=int(torch.diff(cu_seqlens).max()) if num_tokens else 0,
+        max_seqlen=int(cu_to_lengths(cu_seqlens).max()) if num_tokens else 0,
         num_padding=padding,
     )
     return stream, int(sizes.sum() - kept.sum())
@@ -236,13 +214,6 @@ def pack_samples(samples: Sequence[PatchedSample], cfg: PackingConfig) -> Packed
         sample_key=[s.key for s in samples],
         group=torch.tensor([s.group for s in samples], dtype=torch.long),
         caption_ids=torch.cat([s.caption_ids.long() for s in samples]) if samples else torch.zeros(0, dtype=torch.long),
-        caption_cu_seqlens=torch.cat([torch.zeros(1, dtype=torch.long), caption_lengths.cumsum(0)]).to(torch.int32),
+        caption_cu_seqlens=lengths_to_cu(caption_lengths).to(torch.int32),
         counters=counters,
     )
-
-
-def unpack_stream(stream: PackedStream, num_samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per batch position, the (patches, coords) rows of that sample (empty for samples not in the stream)."""
-    real = stream.num_tokens
-    counts = torch.bincount(stream.seg[:real], minlength=num_samples).tolist()
-    return list(zip(torch.split(stream.patches[:real], counts), torch.split(stream.coords[:real], counts)))

@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 
 from plait.data.batch import MODALITIES, STREAM_OF_MODALITY
-from plait.data.checks import check_positive
+from plait.data.checks import check_positive, check_table
 from plait.data.dataset_index import EpochLayout, ShardSource, concat_rows, read_positions, take_rows
 from plait.data.packing import PackingConfig, pack_lengths, padded_length, segment_costs
 from plait.data.plan_state import PlanState, mix_weights, window_take
@@ -53,8 +53,10 @@ class PlanConfig:
     """Samples per window, for any world size: the shuffle and packing horizon; ranks share each window."""
     split: Literal["train", "eval"] = "train"
     """Walk the training groups or the held-out ones (split by group id, so no leakage)."""
+    mix: dict[str, float] = field(default_factory=dict)
+    """Modality → share of each window until a curriculum phase sets `mix`; empty = natural proportions."""
     eval_fraction: float = 0.1
-    """Fraction of groups held out (the run config passes `data.eval_fraction`)."""
+    """Fraction of groups held out (whole groups, chosen by a hash of the group id)."""
     manifest_cache: int = 8
     """Per-shard manifests kept in memory per modality stream (a rank reads one or two per window)."""
 
@@ -64,6 +66,10 @@ class PlanConfig:
             raise ValueError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
         if self.split not in ("train", "eval"):
             raise ValueError(f"split: must be train or eval, got {self.split!r}")
+        self.mix = check_table("mix", self.mix, probabilities=True)
+        unknown = sorted(set(self.mix) - set(MODALITIES))
+        if unknown:
+            raise ValueError(f"mix: unknown modalities {unknown}, expected some of {list(MODALITIES)}")
 
 
 @dataclass
@@ -235,7 +241,7 @@ class SamplePlan:
         """Hash of all plan inputs except the world size."""
         parts = {"seed": self.seed, "data": self.source.identity(), "sizing": asdict(self.sizing),
                  "token_drop": asdict(self.token_drop), "packing": asdict(self.packing),
-                 "window": self.cfg.window_samples, "split": self.cfg.split,
+                 "window": self.cfg.window_samples, "split": self.cfg.split, "mix": self.cfg.mix,
                  "eval_fraction": self.cfg.eval_fraction, "extra": extra}
         return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=8).hexdigest()
 

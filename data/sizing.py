@@ -11,17 +11,15 @@ over samples and driven by per-sample uniforms (`plait.data.rng.keyed_uniforms`)
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 from scipy.special import ndtr, ndtri
 
-from plait.data.batch import MODALITIES
-from plait.data.checks import check_at_least, check_positive
+from plait.data.batch import AUDIO, IMAGE, MODALITIES, VIDEO
+from plait.data.checks import check_at_least, check_positive, check_table
 from plait.data.token_drop import TokenDropConfig, drop_rates, kept_counts
-
-IMAGE, AUDIO, VIDEO = (MODALITIES.index(m) for m in ("image", "audio", "video"))
 
 NUM_DRAWS = 4
 """Uniforms per sample: resolution choice, truncated-normal side, crop start, drop rate."""
@@ -44,6 +42,8 @@ class SizingConfig:
     """Most patches along either side of an image or video frame."""
     side_distribution: Literal["curriculum", "truncated_normal", "native"] = "curriculum"
     """Side length R source: curriculum resolution probabilities, NaViT's truncated normal, or native size."""
+    resolution: dict[int, float] = field(default_factory=lambda: {224: 1.0})
+    """`curriculum`: image side length in pixels → probability until a curriculum phase sets `resolution`."""
     side_mean: float = -0.5
     """Truncated normal on [-1, 1] (mapped to [min, max] side patches): mean; below 0 biases to low resolution."""
     side_std: float = 1.0
@@ -74,6 +74,7 @@ class SizingConfig:
             raise ValueError(f"max_side_patches: {self.max_side_patches} is below "
                              f"min_side_patches {self.min_side_patches}")
         check_positive(self, "side_std", "hop_ms", "max_audio_seconds")
+        self.resolution = check_table("resolution", self.resolution, probabilities=True, side_lengths=True)
         if self.n_mels % self.audio_patch:
             raise ValueError(f"audio_patch: must divide n_mels={self.n_mels}, got {self.audio_patch}")
         check_at_least(self, 0, "video_sample_fps")

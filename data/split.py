@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-
-_SCALE = float(1 << 64)
-
-
-def group_unit(group: str) -> float:
-    """A stable uniform number in [0, 1) for a group id (same on every machine and run)."""
-    digest = hashlib.blake2b(group.encode("utf-8"), digest_size=8, person=b"plait-split").digest()
-    return int.from_bytes(digest, "little") / _SCALE
+from plait.data.rng import split_unit
 
 
 def is_heldout(group: str, fraction: float) -> bool:
-    """True when the group belongs to the held-out evaluation split."""
-    return group_unit(group) < fraction
+    """True when the group belongs to the held-out evaluation split (`rng.split_unit` below `fraction`)."""
+    return split_unit(group) < fraction

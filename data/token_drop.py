@@ -1,9 +1,10 @@
 """NaViT token dropping: per-sample drop rates, kept-token counts and which tokens are kept.
 
 The mean rate at a step comes from the curriculum (`token_drop_rate`, which may follow NaViT's
-sigmoid schedule). This module spreads it over samples (constant, Beta around the mean, or in
-proportion to resolution) and picks the kept tokens with a counter-based keyed hash, so the
-same sample keeps the same tokens whatever batch, worker or rank it lands in.
+sigmoid schedule; `TokenDropConfig.rate` until a phase sets it). This module spreads it over
+samples (constant, Beta around the mean, or in proportion to resolution) and picks the kept
+tokens with a counter-based keyed hash, so the same sample keeps the same tokens whatever
+batch, worker or rank it lands in.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from plait.data.rng import hash_uniforms
 
 @dataclass(kw_only=True)
 class TokenDropConfig:
-    """How the scheduled mean drop rate becomes a per-sample rate."""
+    """The mean drop rate before any curriculum phase sets one, and how it becomes a per-sample rate."""
 
+    rate: float = 0.0
+    """Mean fraction of droppable tokens dropped per sample until a curriculum phase sets `token_drop_rate`."""
     distribution: Literal["constant", "beta", "resolution"] = "constant"
     """Per-sample rate: the mean itself, Beta-distributed around it, or proportional to token count."""
     beta_concentration: float = 10.0
@@ -36,6 +39,8 @@ class TokenDropConfig:
     """Modalities whose tokens may be dropped; the others always keep every token."""
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(f"rate: must be in [0, 1), got {self.rate}")
         if self.beta_concentration <= 0:
             raise ValueError(f"beta_concentration: must be > 0, got {self.beta_concentration}")
         if self.reference_tokens < 1:

@@ -22,6 +22,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from plait.kernels.segments import cu_to_lengths
+
 logger = logging.getLogger(__name__)
 
 Backend = Literal["auto", "flash", "torch_varlen", "bucketed", "reference"]
@@ -81,9 +83,9 @@ def varlen_attention(
         # Keep k and v in the graph so every projection gets a (zero) gradient: ZeRO-3 needs it.
         return q + (k.sum() + v.sum()) * 0
     if max_seqlen_q is None:
-        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+        max_seqlen_q = int(cu_to_lengths(cu_seqlens_q).max())
     if max_seqlen_k is None:
-        max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+        max_seqlen_k = int(cu_to_lengths(cu_seqlens_k).max())
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     path = select_backend(q, backend)
     if path == "flash":
@@ -133,7 +135,7 @@ def _bucketed_attention(
 ) -> torch.Tensor:
     """SDPA over length buckets; see the module docstring."""
     cu_q, cu_k = cu_q.long(), cu_k.long()
-    len_q, len_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
+    len_q, len_k = cu_to_lengths(cu_q), cu_to_lengths(cu_k)
     if causal and not torch.equal(len_q, len_k):
         raise ValueError("causal varlen attention needs equal query and key lengths per sequence")
     groups = k.shape[1] != q.shape[1]

@@ -12,7 +12,9 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
+from plait.data.batch import PackedStream  # noqa: E402
 from plait.data.demo import DemoSpec, write_demo  # noqa: E402
 from plait.data.indexer import index_dataset  # noqa: E402
 
@@ -36,3 +38,10 @@ def run_plait(*args: str, cwd: Path | None = None, check: bool = True) -> subpro
     if check and proc.returncode != 0:
         raise AssertionError(f"plait {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
     return proc
+
+
+def unpack_stream(stream: PackedStream, num_samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per batch position, the (patches, coords) rows of that sample (empty for samples not in the stream)."""
+    real = stream.num_tokens
+    counts = torch.bincount(stream.seg[:real], minlength=num_samples).tolist()
+    return list(zip(torch.split(stream.patches[:real], counts), torch.split(stream.coords[:real], counts)))

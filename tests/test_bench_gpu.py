@@ -71,6 +71,6 @@ def test_sections_fail_or_time_out_without_losing_the_run():
 def test_billion_config_is_about_one_billion_parameters():
     cfg = gpu.billion_config()
     with torch.device("meta"):
-        model = gpu.MultimodalModel(cfg)
+        model = gpu.MultimodalModel(cfg, gpu.SizingConfig())
     total = gpu.parameter_counts(model).total
     assert 0.9e9 < total < 1.3e9

@@ -71,9 +71,7 @@ def test_config_show_prints_resolved_values(tmp_path) -> None:
     assert "lr: 0.25  # Peak learning rate" in proc.stdout and "seed: 9" in proc.stdout
 
 
-def test_patch_sizes_must_agree_between_data_and_model() -> None:
+def test_patch_geometry_lives_in_data_sizing_only() -> None:
     with pytest.raises(ConfigError) as err:
-        load_config(None, ["data.sizing.patch_size=8"])
+        load_config(None, ["model.encoder.vision_patch_size=8"])
     assert err.value.field == "model.encoder.vision_patch_size"
-    config = load_config(None, ["data.sizing.patch_size=8", "model.encoder.vision_patch_size=8"])
-    assert config.data.sizing.patch_size == config.model.encoder.vision_patch_size == 8

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
+from plait.data.rng import key_ids
 from plait.kernels.infonce import MatchIds
 from plait.trainer.losses.config import ContrastiveConfig, HardNegativeConfig, LossConfig, QueueConfig
 from plait.trainer.losses.contrastive import PAIRS, ContrastiveLoss, gather_batch
 from plait.trainer.losses.hard_negatives import select_negatives
 from plait.trainer.losses.objective import Objective, ObjectiveInputs
-from plait.trainer.losses.queue import hash_strings
 
 F64 = torch.float64
 
@@ -30,7 +30,7 @@ def make_batch(seed: int, n: int = 9, d: int = 6):
 
 
 def ids_of(keys, group, caption):
-    return torch.stack([hash_strings(keys), group, caption], dim=1)
+    return torch.stack([key_ids(keys), group, caption], dim=1)
 
 
 def formula_loss(media, text, modality, group, caption, keys, scale, multi_positive, eps):

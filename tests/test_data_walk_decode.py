@@ -24,7 +24,6 @@ def test_walk_decode_counts_a_sample_corrupted_after_indexing(demo_dir: Path, tm
         f"run_dir: {tmp_path / 'run'}\n"
         f"data: {{shards: {data}, plan: {{eval_fraction: 0.0}}, sizing: {{patch_size: 8, max_side_patches: 16}},"
         " packing: {max_tokens: 4096}}\n"
-        "model: {encoder: {vision_patch_size: 8}}\n"
         "curriculum: {phases: [{start: 0, values: {resolution: {32: 1.0}}}]}\n")
     proc = run_plait("data", "walk", str(config), "--world-size", "1", "--epochs", "1", "--decode")
     lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]

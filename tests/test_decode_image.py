@@ -12,7 +12,8 @@ import torch
 from PIL import Image, ImageOps
 
 from plait.data.decode_errors import DECODE_REASONS, DecodeError
-from plait.data.decode_image import decode_image, open_image, upright_size
+from plait.data.decode_image import decode_image, open_image
+from plait.data.media import probe
 
 
 def _smooth_picture(width: int, height: int) -> np.ndarray:
@@ -91,7 +92,7 @@ def test_exif_orientation_6_is_rotated_upright() -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # the camera was turned: display rotated 90 degrees clockwise
     data = _encode(pixels, quality=95, exif=exif.tobytes())
-    assert upright_size(open_image(data)) == (40, 80)
+    assert probe("jpg", data) == {"width": 40, "height": 80}
     out = decode_image(data, 80, 40)
     assert out.shape == (3, 80, 40)
     top, bottom = out[:, :30].float().mean((1, 2)), out[:, 50:].float().mean((1, 2))

@@ -14,7 +14,7 @@ from PIL import Image
 from plait.data.demo import COLOURS, DTMF_HZ, SAMPLE_RATE, DemoSpec, _luma, contrasting_pairs, write_demo
 from plait.data.manifest import read_index, read_manifest
 from plait.trainer.config import load_config
-from plait.trainer.data_walk import dataset_for
+from plait.data.source import open_dataset
 
 from conftest import run_plait
 
@@ -98,11 +98,14 @@ def test_parallel_build_is_byte_identical(tmp_path) -> None:
 
 def test_run_builds_each_demo_spec_in_its_own_folder(tmp_path) -> None:
     small = load_config(None, [f"data.demo.out={tmp_path}", "data.demo.samples=9", "data.demo.samples_per_shard=5"])
-    index = dataset_for(small)
+    index = open_dataset(small.data)
     assert index.root == tmp_path / DemoSpec(samples=9, samples_per_shard=5).dirname
     assert [n.rsplit("/", 1)[-1] for n in index.names] == ["demo-000000.tar", "demo-000001.tar"]
     # Another sample count never reuses the folder built for the first one.
-    larger = dataset_for(load_config(None, [f"data.demo.out={tmp_path}", "data.demo.samples=12",
-                                            "data.demo.samples_per_shard=5"]))
+    larger = open_dataset(load_config(None, [f"data.demo.out={tmp_path}", "data.demo.samples=12",
+                                             "data.demo.samples_per_shard=5"]).data)
     assert larger.root != index.root and len(larger.names) == 3
-    assert dataset_for(small).root == index.root
+    assert open_dataset(small.data).root == index.root
+    cached = load_config(None, [f"data.demo.out={tmp_path}", "data.demo.samples=9", "data.demo.samples_per_shard=5",
+                                "data.plan.manifest_cache=1"])
+    assert open_dataset(cached.data)._cache_size == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from plait.data.sizing import SizingConfig
 from plait.trainer.bench.model import make_batch
 from plait.trainer.model.config import EncoderConfig, ModelConfig, MoMEConfig
 from plait.trainer.model.encoder import Encoder, standardize_per_sample
@@ -12,14 +13,15 @@ from plait.trainer.model.mome import MoMELayer, RoutingContext
 
 SPECS = [(0, (1, 3, 5), 4), (1, (1, 4, 6), 3), (2, (2, 2, 3), 5), (0, (1, 1, 1), 2), (1, (1, 2, 2), 1)]
 """image, audio, video, a one-patch image, a short audio clip."""
+SIZING = SizingConfig(patch_size=4, audio_patch=4)
+"""4x4 vision patches over 2-frame tubelets, 4x4 log-mel patches."""
 
 
 def _encoder(**enc) -> tuple[Encoder, ModelConfig]:
-    cfg = ModelConfig(encoder=EncoderConfig(dim=32, depth=2, num_heads=4, ffn_hidden=48, vision_patch_size=4,
-                                            audio_patch_size=4, mome_layers=[0, 1], **enc),
+    cfg = ModelConfig(encoder=EncoderConfig(dim=32, depth=2, num_heads=4, ffn_hidden=48, mome_layers=[0, 1], **enc),
                       mome=MoMEConfig(init="fresh", init_std=0.2))
     torch.manual_seed(0)
-    return Encoder(cfg.encoder, cfg.mome, RoutingContext()), cfg
+    return Encoder(cfg.encoder, cfg.mome, SIZING, RoutingContext()), cfg
 
 
 def _loss(encoder: Encoder, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,7 +33,7 @@ def _loss(encoder: Encoder, batch) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_packed_equals_per_sample(checkpointing):
     encoder, cfg = _encoder(activation_checkpointing=checkpointing)
-    batch = make_batch(SPECS, cfg, seed=0)
+    batch = make_batch(SPECS, cfg, SIZING, seed=0)
     loss, tokens = _loss(encoder, batch)
     packed_grads = torch.autograd.grad(loss, list(encoder.parameters()), allow_unused=True)
     out = encoder(batch)
@@ -39,7 +41,7 @@ def test_packed_equals_per_sample(checkpointing):
     for i in range(len(SPECS)):
         stream = "audio" if SPECS[i][0] == 1 else "vision"
         rows = out.seg == i
-        one = make_batch([SPECS[i]], cfg, seed=0)
+        one = make_batch([SPECS[i]], cfg, SIZING, seed=0)
         # Same patches as sample i of the packed batch.
         source = batch.streams[stream]
         one.streams[stream].patches = source.patches[source.seg == i]
@@ -55,7 +57,7 @@ def test_packed_equals_per_sample(checkpointing):
 
 def test_token_modalities_and_order():
     encoder, cfg = _encoder()
-    out = encoder(make_batch(SPECS, cfg, seed=0))
+    out = encoder(make_batch(SPECS, cfg, SIZING, seed=0))
     # vision stream first (samples 0, 2, 3), then audio (1, 4); codes: image 1, audio 2, video 3.
     lengths = [15, 12, 1, 24, 4]
     assert out.seg.tolist() == sum(([s] * n for s, n in zip([0, 2, 3, 1, 4], lengths)), [])
@@ -67,16 +69,16 @@ def test_mome_layers_route_by_token_modality():
     assert all(isinstance(block.ffn, MoMELayer) for block in encoder.blocks)
     context = encoder.blocks[0].ffn.context
     with context.record() as outputs:
-        out = encoder(make_batch(SPECS, cfg, seed=0))
+        out = encoder(make_batch(SPECS, cfg, SIZING, seed=0))
     assert len(outputs) == 2 and torch.equal(outputs[0].modality, out.modality)
 
 
 def test_missing_stream_and_empty_batch_run_every_module():
     encoder, cfg = _encoder()
-    only_images = make_batch([SPECS[0], SPECS[3]], cfg, seed=1)
+    only_images = make_batch([SPECS[0], SPECS[3]], cfg, SIZING, seed=1)
     assert "audio" not in only_images.streams
     assert encoder(only_images).tokens.shape == (16, 32)
-    out = encoder(make_batch([], cfg, seed=1))
+    out = encoder(make_batch([], cfg, SIZING, seed=1))
     assert out.tokens.shape == (0, 32)
     out.tokens.sum().backward()
     assert all(p.grad is not None for p in encoder.parameters())
@@ -84,7 +86,7 @@ def test_missing_stream_and_empty_batch_run_every_module():
 
 def test_tail_padding_is_ignored():
     encoder, cfg = _encoder()
-    batch = make_batch(SPECS, cfg, seed=0)
+    batch = make_batch(SPECS, cfg, SIZING, seed=0)
     base = encoder(batch).tokens
     vision = batch.streams["vision"]
     vision.patches = torch.cat([vision.patches, torch.randn(3, vision.patches.shape[1])])
@@ -123,7 +125,7 @@ def test_standardize_per_sample_matches_reference():
 
 def test_sample_input_norm_ignores_per_sample_contrast_and_brightness():
     encoder, cfg = _encoder(vision_input_norm="sample")
-    batch = make_batch(SPECS, cfg, seed=0)
+    batch = make_batch(SPECS, cfg, SIZING, seed=0)
     base = encoder(batch).tokens
     vision = batch.streams["vision"]
     gain, offset = torch.tensor([3.0, 1, 0.2, 0.5, 1]), torch.tensor([0.5, 0, -2.0, 1.0, 0])
@@ -135,11 +137,11 @@ def test_sample_input_norm_ignores_per_sample_contrast_and_brightness():
 
 def test_sample_input_norm_keeps_packing_exact():
     encoder, cfg = _encoder(vision_input_norm="sample")
-    batch = make_batch(SPECS, cfg, seed=0)
+    batch = make_batch(SPECS, cfg, SIZING, seed=0)
     out = encoder(batch)
     for i, (modality, _, _) in enumerate(SPECS):
         if modality == 1:
             continue
-        one = make_batch([SPECS[i]], cfg, seed=0)
+        one = make_batch([SPECS[i]], cfg, SIZING, seed=0)
         one.streams["vision"].patches = batch.streams["vision"].patches[batch.streams["vision"].seg == i]
         torch.testing.assert_close(encoder(one).tokens, out.tokens[out.seg == i], atol=1e-5, rtol=1e-5)

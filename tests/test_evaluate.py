@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 import torch
 
-from plait.trainer.evaluate import (caption_keys, flat_metrics, recall_at_k, reference_recall, retrieval_metrics,
-                                    summary)
+from plait.data.rng import caption_keys
+from plait.trainer.evaluate import KS, flat_metrics, recall_at_k, retrieval_metrics, summary
 
 
 def _pack(captions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     lengths = torch.tensor([len(c) for c in captions])
     cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).int()
     return torch.tensor([t for c in captions for t in c], dtype=torch.long), cu
+
+
+
+def reference_recall(queries: torch.Tensor, keys: torch.Tensor, query_captions: list, key_captions: list,
+                     ks: Sequence[int] = KS) -> dict[str, float]:
+    """Float64 per-query loop version of `recall_at_k`."""
+    hits = {k: 0 for k in ks}
+    for i in range(queries.shape[0]):
+        sims = [float(queries[i].double() @ keys[j].double()) for j in range(keys.shape[0])]
+        order = sorted(range(len(sims)), key=lambda j: -sims[j])
+        for k in ks:
+            hits[k] += any(key_captions[j] == query_captions[i] for j in order[:k])
+    return {f"R@{k}": hits[k] / queries.shape[0] for k in ks}
 
 
 def test_caption_keys_are_equal_exactly_for_equal_token_sequences():

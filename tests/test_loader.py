@@ -16,16 +16,19 @@ from plait.data.decode_audio import LogMelConfig, decode_audio, spec_augment
 from plait.data.decode_image import decode_image
 from plait.data.decode_video import decode_video, sample_frame_indices
 from plait.data.loader import (SKIP_REASONS, FailureGuard, LoadedStep, LoaderConfig, PlanDataset, PlanLoader,
-                               Skip, TooManyFailures, decode_plans, group_id, log_mel_config)
+                               Skip, TooManyFailures, decode_plans, group_id)
 from plait.data.media import probe
-from plait.data.packing import PackingConfig, PatchedSample, pack_samples, unpack_stream
+from plait.data.packing import PackingConfig, PatchedSample, pack_samples
 from plait.data.patchify import patchify_audio, patchify_image, patchify_video
+from plait.data.preprocess import log_mel_config
 from plait.data.plan_types import MicroBatchPlan, SampleRef
 from plait.data.rng import keyed_rng
 from plait.data.sizing import SizingConfig
 from plait.data.tokenizer import encode_captions, train_tokenizer
 from plait.trainer.bench import loader as bench
 from plait.trainer.bench.loader import manifest_plans, manifest_rows
+
+from conftest import unpack_stream
 
 SIZING = SizingConfig(patch_size=8, side_distribution="native", max_sample_tokens=256, video_max_frames=4,
                       n_mels=32, audio_patch=8, hop_ms=20.0)

@@ -52,8 +52,7 @@ def _model_config():
     llama = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2}
     return ModelConfig(
-        encoder=EncoderConfig(dim=32, depth=2, num_heads=4, ffn_hidden=48, vision_patch_size=4, audio_patch_size=4,
-                              mome_layers=[1]),
+        encoder=EncoderConfig(dim=32, depth=2, num_heads=4, ffn_hidden=48, mome_layers=[1]),
         resampler=ResamplerConfig(dim=32, depth=1, num_latents=4, num_heads=4, ffn_hidden=48),
         llm=LLMConfig(model_kwargs=llama, mome_layers=[1]),
         mome=MoMEConfig(num_experts=4, top_k=2, router_bias=True),
@@ -88,6 +87,7 @@ def _worker(out_dir: Path) -> None:
     import deepspeed
     import torch
 
+    from plait.data.sizing import SizingConfig
     from plait.trainer.bench.model import make_batch
     from plait.trainer.model.mome import mark_zero3_leaf_modules
     from plait.trainer.model.multimodal import MultimodalModel
@@ -96,7 +96,8 @@ def _worker(out_dir: Path) -> None:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     torch.manual_seed(0)
     cfg = _model_config()
-    model = MultimodalModel(cfg)
+    sizing = SizingConfig(patch_size=4, audio_patch=4)
+    model = MultimodalModel(cfg, sizing)
     _force_routing(model)
     mark_zero3_leaf_modules(model)
     ds_config = {
@@ -109,10 +110,11 @@ def _worker(out_dir: Path) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     modality = 0 if rank == 0 else 1
-    disjoint = [make_batch([(modality, (1, 2, 3), 3), (modality, (1, 3, 3), 2)], cfg, seed=rank + 10 * step)
+    disjoint = [make_batch([(modality, (1, 2, 3), 3), (modality, (1, 3, 3), 2)], cfg, sizing,
+                           seed=rank + 10 * step)
                 for step in range(2)]
-    full = make_batch([(0, (1, 2, 2), 3), (2, (2, 2, 2), 4), (1, (1, 2, 4), 2)], cfg, seed=7)
-    empty = make_batch([], cfg, seed=0)
+    full = make_batch([(0, (1, 2, 2), 3), (2, (2, 2, 2), 4), (1, (1, 2, 4), 2)], cfg, sizing, seed=7)
+    empty = make_batch([], cfg, sizing, seed=0)
     losses, encoder_experts, llm_experts = [], set(), set()
     for step, batch in enumerate(disjoint + [empty if rank == 1 else full] * 2):
         out = engine(batch)

@@ -35,8 +35,7 @@ TINY = {
                         "max_sample_tokens": 512},
              "packing": {"max_tokens": 1024}},
     # A tiny model without MoME layers: these tests are about launching, not the model.
-    "model": {"encoder": {"dim": 32, "depth": 2, "num_heads": 4, "ffn_hidden": 48, "vision_patch_size": 8,
-                          "audio_patch_size": 16, "mome_layers": []},
+    "model": {"encoder": {"dim": 32, "depth": 2, "num_heads": 4, "ffn_hidden": 48, "mome_layers": []},
               "resampler": {"dim": 32, "depth": 1, "num_latents": 4, "num_heads": 4, "ffn_hidden": 48},
               "llm": {"model_kwargs": {"vocab_size": 512, "hidden_size": 32, "intermediate_size": 48,
                                        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},

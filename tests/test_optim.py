@@ -7,14 +7,18 @@ import math
 import pytest
 import torch
 
+from plait.data.sizing import SizingConfig
 from plait.trainer.config import OptimConfig
 from plait.trainer.curriculum import CurriculumValues
-from plait.trainer.data_source import SyntheticBatches
 from plait.trainer.engine import TrainModule
 from plait.trainer.losses.config import LossConfig
 from plait.trainer.optim import apply_schedule, build_optimizer, decays, frozen_prefixes, group_of, lr_factor
 
+from synthetic import SyntheticBatches
 from test_train_distributed import tiny_config
+
+SIZING = SizingConfig(**tiny_config()["data"]["sizing"])
+"""The tiny run's patch geometry."""
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +27,15 @@ def module() -> TrainModule:
     from plait.trainer.model.config import ModelConfig
 
     torch.manual_seed(0)
-    return TrainModule(build(ModelConfig, tiny_config()["model"]), build(LossConfig, {"queue": {"size": 8}}))
+    config = tiny_config()
+    return TrainModule(build(ModelConfig, config["model"]), SIZING,
+                       build(LossConfig, {"queue": {"size": 8}}))
+
+
+def _values(frozen: list[str], lr_multipliers: dict[str, float] | None = None) -> CurriculumValues:
+    """Curriculum values of one step; `apply_schedule` reads only `frozen` and `lr_multipliers`."""
+    return CurriculumValues(resolution={224: 1.0}, token_drop_rate=0.0, mix={}, hard_negative_ratio=0.0,
+                            loss_weights={}, frozen=frozen, lr_multipliers=lr_multipliers or {})
 
 
 def _named(module: TrainModule) -> dict[str, torch.nn.Parameter]:
@@ -92,10 +104,10 @@ def test_group_lr_multipliers_and_freezing_set_each_groups_lr(module):
     cfg = OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant", group_lr={"encoder": 1e-5, "resampler": 1e-4})
     freezable = frozen_prefixes([["encoder"], ["llm"], []])
     optimizer = build_optimizer(module, cfg, freezable)
-    values = CurriculumValues(frozen=["llm"], lr_multipliers={"resampler": 0.5})
+    values = _values(frozen=["llm"], lr_multipliers={"resampler": 0.5})
     lrs = apply_schedule(optimizer, 0, cfg, 10, values)
     assert lrs == {"encoder": 1e-5, "resampler": 5e-5, "llm": 0.0, "routers": 1e-3, "objective": 1e-3}
-    values = CurriculumValues(frozen=["encoder"])
+    values = _values(frozen=["encoder"])
     lrs = apply_schedule(optimizer, 0, cfg, 10, values)
     # Routers inside the encoder are frozen with it; the LLM's routers train.
     by_name = {g["name"]: g["lr"] for g in optimizer.param_groups}
@@ -107,9 +119,9 @@ def test_a_frozen_module_stays_bitwise_unchanged_through_adamw_steps(module):
     cfg = OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.1)
     optimizer = build_optimizer(module, cfg, ["encoder"])
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
-    data = SyntheticBatches(module.model.cfg, seed=0, rank=0)
+    data = SyntheticBatches(module.model.cfg, SIZING, seed=0, rank=0)
     for step in range(2):
-        apply_schedule(optimizer, step, cfg, 10, CurriculumValues(frozen=["encoder"]))
+        apply_schedule(optimizer, step, cfg, 10, _values(frozen=["encoder"]))
         optimizer.zero_grad()
         module(data.batch(step, 0), step).loss.backward()
         optimizer.step()

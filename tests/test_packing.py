@@ -11,14 +11,14 @@ from plait.data.batch import MODALITIES
 from plait.data.packing import (
     PackingConfig,
     PatchedSample,
-    balance_bins,
     pack_lengths,
     pack_samples,
     segment_costs,
-    unpack_stream,
 )
 from plait.data.patchify import frame_indices, grid_coords, patchify_audio, patchify_image, patchify_video
 from plait.data.token_drop import kept_mask
+
+from conftest import unpack_stream
 
 # ---------------------------------------------------------------- bin packing on lengths
 
@@ -63,19 +63,6 @@ def test_pack_lengths_fills_bins_tightly():
     lengths = np.random.default_rng(0).integers(16, 1200, 5000)
     packing = pack_lengths(lengths, 4096, 256, 5000)
     assert 1 - lengths.sum() / (packing.num_bins * 4096) < 0.01
-
-
-@settings(max_examples=60, deadline=None)
-@given(costs=st.lists(st.floats(0, 100), min_size=1, max_size=40), ranks=st.integers(1, 5))
-def test_balance_bins_equal_steps_and_balanced_load(costs, ranks):
-    table = balance_bins(np.array(costs), ranks)
-    assert table.shape == (-(-len(costs) // ranks), ranks)
-    assert sorted(table[table >= 0].tolist()) == list(range(len(costs)))
-    padded = np.append(np.array(costs), 0.0)
-    load = padded[table].sum(axis=0)
-    assert load.max() - load.min() <= max(costs) + 1e-9
-    step_max = padded[table].max(axis=1)
-    assert np.all(np.diff(step_max) <= 1e-9)  # steps are dealt heaviest first, similar bins together
 
 
 def test_segment_costs():

@@ -1,4 +1,4 @@
-"""Negative queues: ring writes of any size, duplicate masking, reports, state round trip, momentum encoder."""
+"""Negative queues: ring writes of any size, duplicate masking, reports, state round trip."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import io
 import pytest
 import torch
 
+from plait.data.rng import key_ids
 from plait.trainer.losses.config import ContrastiveConfig, HardNegativeConfig, LossConfig, QueueConfig
 from plait.trainer.losses.contrastive import ContrastiveLoss, gather_batch
 from plait.trainer.losses.objective import Objective, ObjectiveInputs
-from plait.trainer.losses.queue import MomentumEncoder, NegativeQueue, QueueBank, hash_strings
+from plait.trainer.losses.queue import NegativeQueue, QueueBank
 
 F64 = torch.float64
 
@@ -40,6 +41,32 @@ def test_ring_buffer_matches_reference_for_any_batch_size(sizes):
         assert media[slot, 0].item() == g and text[slot, 0].item() == -g and ids[slot, 0].item() == g
 
 
+def test_restore_undoes_every_enqueue_since_the_snapshot():
+    bank = QueueBank(("image_text", "audio_text"), size=5, dim=3)
+    bank["image_text"].enqueue(*rows(0, 3), step=0)
+    expected_media = torch.tensor([[0.0] * 3, [1.0] * 3, [2.0] * 3, [0.0] * 3, [0.0] * 3])
+    expected_ids = torch.tensor([[0, 0, -1], [1, 0, -1], [2, 1, -1], [-1, -1, -1], [-1, -1, -1]])
+    expected_step = torch.tensor([0, 0, 0, -1, -1])
+    snapshot = bank.snapshot()
+    bank["image_text"].enqueue(*rows(3, 4), step=1)  # wraps over slots 0 and 1
+    bank["audio_text"].enqueue(*rows(10, 2), step=1)
+    bank.restore(snapshot)
+    image, audio = bank["image_text"], bank["audio_text"]
+    assert (image.ptr, image.count) == (3, 3) and (audio.ptr, audio.count) == (0, 0)
+    assert torch.equal(image.media, expected_media) and torch.equal(image.text, -expected_media)
+    assert torch.equal(image.ids, expected_ids) and torch.equal(image.step, expected_step)
+    assert torch.equal(audio.media, torch.zeros(5, 3)) and torch.equal(audio.step, torch.full((5,), -1))
+    image.enqueue(*rows(20, 1), step=2)  # the restored queue keeps writing at its pointer
+    assert image.media[3, 0].item() == 20.0 and image.count == 4
+    buffer = io.BytesIO()
+    torch.save(bank.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = QueueBank(("image_text", "audio_text"), size=5, dim=3)
+    loaded.load_state_dict(torch.load(buffer, weights_only=False))
+    assert (loaded["image_text"].ptr, loaded["image_text"].count) == (4, 4)
+    assert torch.equal(loaded["image_text"].media, image.media) and torch.equal(loaded["image_text"].ids, image.ids)
+
+
 def test_report_fill_and_age():
     queue = NegativeQueue(size=4, dim=2)
     assert queue.report(0)["fill"].item() == 0.0
@@ -57,7 +84,7 @@ def contrastive_inputs(seed: int, n: int = 4, d: int = 5, one_group: bool = Fals
     text = torch.randn(n, d, generator=g, dtype=F64)
     keys = [f"s{i}" for i in range(n)]
     group = torch.full((n,), 102) if one_group else torch.arange(n) + 100
-    ids = torch.stack([hash_strings(keys), group, torch.full((n,), -1)], 1)
+    ids = torch.stack([key_ids(keys), group, torch.full((n,), -1)], 1)
     return media, text, torch.zeros(n, dtype=torch.long), ids
 
 
@@ -144,24 +171,3 @@ def test_queue_and_temperature_survive_a_state_dict_round_trip():
     next_a = objective(objective_inputs(9), step=3).loss
     next_b = restored(objective_inputs(9), step=3).loss
     assert torch.equal(next_a, next_b)
-
-
-def test_momentum_encoder_ema_and_momentum_features_fill_the_queue():
-    source = torch.nn.Linear(3, 4)
-    ema = MomentumEncoder(source, momentum=0.9)
-    before = ema.encoder.weight.clone()
-    with torch.no_grad():
-        source.weight.add_(1.0)
-    ema.update(source)
-    torch.testing.assert_close(ema.encoder.weight, 0.9 * before + 0.1 * source.weight)
-    assert not any(p.requires_grad for p in ema.parameters())
-    objective = Objective(LossConfig(queue=QueueConfig(size=8, momentum_encoder=True)), embed_dim=4)
-    inputs = objective_inputs(3)
-    with pytest.raises(ValueError, match="momentum_encoder"):
-        objective(inputs, step=0)
-    inputs.queue_media_embeds = torch.ones(5, 4)
-    inputs.queue_text_embeds = -torch.ones(5, 4)
-    objective(inputs, step=0)
-    media, text, _ = objective.queues["image_text"].contents()
-    torch.testing.assert_close(media, torch.full((2, 4), 0.5))
-    torch.testing.assert_close(text, torch.full((2, 4), -0.5))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from plait.trainer.model.config import ResamplerConfig
-from plait.trainer.model.resampler import Resampler, concat_segments_index
+from plait.trainer.model.resampler import Resampler
 
 ENC, LLM, EMBED = 24, 40, 12
 
@@ -62,14 +62,3 @@ def test_zero_samples_keep_every_parameter_in_the_graph():
     assert out.latents.shape == (0, 5, LLM) and out.media_embeds.shape == (0, EMBED)
     _loss(out).backward()
     assert all(p.grad is not None for p in model.parameters())
-
-
-def test_concat_segments_index_matches_a_loop():
-    a, cu_a = torch.arange(6), torch.tensor([0, 2, 2, 6])
-    b, cu_b = torch.arange(100, 105), torch.tensor([0, 1, 4, 5])
-    index, cu_c = concat_segments_index(cu_a, cu_b)
-    want = []
-    for s in range(3):
-        want += a[cu_a[s] : cu_a[s + 1]].tolist() + b[cu_b[s] : cu_b[s + 1]].tolist()
-    assert torch.cat([a, b])[index].tolist() == want
-    assert cu_c.tolist() == [0, 3, 6, 11]

@@ -1,4 +1,6 @@
-"""Keyed generators: deterministic per key, independent across keys, no global RNG state."""
+"""Keyed generators: deterministic per key, independent across keys, no global RNG state; stable key ids."""
+
+import hashlib
 
 import numpy as np
 import pytest
@@ -6,12 +8,15 @@ import torch
 
 from plait.data.rng import (
     hash_uniforms,
+    joined_seed,
     key_digest,
+    key_id,
+    key_ids,
     keyed_rng,
     keyed_seed,
     keyed_seeds,
-    keyed_torch_generator,
     keyed_uniforms,
+    split_unit,
 )
 
 
@@ -38,16 +43,9 @@ def test_bad_part_type_raises():
 def test_global_rng_state_untouched():
     np_state, torch_state = np.random.get_state()[1].copy(), torch.get_rng_state().clone()
     keyed_rng(3, "k").random(100)
-    torch.rand(4, generator=keyed_torch_generator(3, "k"))
     keyed_uniforms(keyed_seeds(3, ["a", "b"]), 5)
     assert np.array_equal(np_state, np.random.get_state()[1])
     assert torch.equal(torch_state, torch.get_rng_state())
-
-
-def test_torch_generator_is_keyed():
-    a = torch.rand(5, generator=keyed_torch_generator(1, "x"))
-    assert torch.equal(a, torch.rand(5, generator=keyed_torch_generator(1, "x")))
-    assert not torch.equal(a, torch.rand(5, generator=keyed_torch_generator(1, "y")))
 
 
 def test_vectorised_seeds_match_scalar_seed():
@@ -71,3 +69,29 @@ def test_uniforms_are_uniform_and_uncorrelated():
     np.testing.assert_allclose(u.mean(axis=0), 0.5, atol=0.01)
     np.testing.assert_allclose(np.histogram(u[:, 0], bins=10, range=(0, 1))[0] / len(u), 0.1, atol=0.01)
     assert abs(np.corrcoef(u[:, 0], u[:, 1])[0, 1]) < 0.03
+
+
+def test_key_ids_are_equal_exactly_for_equal_keys():
+    keys = ["a", "b", "a", "", "sample-00017", "b ", "sample-00017"]
+    ids = key_ids(keys)
+    assert ids.dtype == torch.int64 and bool((ids >= 0).all())
+    for i, a in enumerate(keys):
+        for j, b in enumerate(keys):
+            assert (ids[i] == ids[j]).item() == (a == b), (a, b)
+    assert [key_id(k) for k in keys] == ids.tolist()
+    assert key_ids([]).shape == (0,)
+
+
+def test_split_unit_keeps_its_digest():
+    """The held-out groups must never move: BLAKE2b(group, person 'plait-split') / 2^64, pinned."""
+    for group in ["digit-7", "tone-12", "", "gruppe-ü"]:
+        digest = hashlib.blake2b(group.encode(), digest_size=8, person=b"plait-split").digest()
+        assert split_unit(group) == int.from_bytes(digest, "little") / 2.0**64
+    assert split_unit("digit-7") == 0.2807476588068578
+
+
+def test_joined_seed_keeps_its_digest():
+    """The hard-negative sampler's seeds must never move: BLAKE2b of the ':'-joined parts, 63 bits, pinned."""
+    digest = hashlib.blake2b(b"7:0:3:1:0", digest_size=8).digest()
+    assert joined_seed(7, 0, 3, 1, 0) == int.from_bytes(digest, "little") >> 1
+    assert joined_seed(0, 5, 1, 2, 0) == 2001459139292606323

@@ -5,8 +5,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from plait.data.batch import AUDIO, IMAGE, VIDEO
 from plait.data.rng import keyed_seeds, keyed_uniforms
-from plait.data.sizing import AUDIO, IMAGE, NUM_DRAWS, VIDEO, SizingConfig, size_sample, size_samples
+from plait.data.sizing import NUM_DRAWS, SizingConfig, size_sample, size_samples
 from plait.data.token_drop import TokenDropConfig
 
 NO_DROP = TokenDropConfig()

@@ -43,8 +43,7 @@ def tiny_config() -> dict:
                             "max_audio_seconds": 1.0, "max_sample_tokens": 256},
                  "packing": {"max_tokens": 1024}, "workers": 0},
         "model": {
-            "encoder": {"dim": 32, "depth": 2, "num_heads": 4, "ffn_hidden": 48, "vision_patch_size": 4,
-                        "audio_patch_size": 4, "mome_layers": [1]},
+            "encoder": {"dim": 32, "depth": 2, "num_heads": 4, "ffn_hidden": 48, "mome_layers": [1]},
             "resampler": {"dim": 32, "depth": 1, "num_latents": 4, "num_heads": 4, "ffn_hidden": 48},
             "llm": {"model_kwargs": llama, "mome_layers": [1]},
             "mome": {"num_experts": 4, "top_k": 2},
@@ -194,7 +193,7 @@ def _run(config_path: Path, run_dir: Path, steps: int, stage: int, sigterm_at: i
     extra = ["checkpoint.every=0"] if sigterm_at is not None else []
     cfg = load_config(config_path, [f"run_dir={run_dir}", f"steps={steps}", f"deepspeed.zero_stage={stage}", *extra])
     rank = dist.get_rank()
-    data = SignalAt(cfg.model, cfg.seed, rank, at=sigterm_at if rank == 1 else None)
+    data = SignalAt(cfg, rank, at=sigterm_at if rank == 1 else None)
     trainer = Trainer(cfg, data=data)
     start = trainer.step
     try:
@@ -208,10 +207,10 @@ def _run(config_path: Path, run_dir: Path, steps: int, stage: int, sigterm_at: i
 class SignalAt:
     """Synthetic batches that deliver SIGTERM to this process when step `at` is fetched (a preemption)."""
 
-    def __init__(self, cfg, seed: int, rank: int, at: int | None) -> None:
-        from plait.trainer.data_source import SyntheticBatches
+    def __init__(self, cfg, rank: int, at: int | None) -> None:
+        from synthetic import SyntheticBatches
 
-        self.inner, self.at = SyntheticBatches(cfg, seed, rank), at
+        self.inner, self.at = SyntheticBatches(cfg.model, cfg.data.sizing, cfg.seed, rank), at
 
     def batch(self, step: int, micro: int):
         if step == self.at:
@@ -228,12 +227,13 @@ def _nan_guard(config_path: Path, out: Path) -> dict:
     import torch.distributed as dist
 
     from plait.trainer.config import load_config
-    from plait.trainer.data_source import SyntheticBatches
+    from synthetic import SyntheticBatches
+
     from plait.trainer.train import NonFiniteStop, Trainer
 
     rank = dist.get_rank()
     cfg = load_config(config_path, [f"run_dir={out / 'nan'}", "steps=3", "checkpoint.every=0"])
-    data = SyntheticBatches(cfg.model, cfg.seed, rank, nan_steps=(1,) if rank == 1 else ())
+    data = SyntheticBatches(cfg.model, cfg.data.sizing, cfg.seed, rank, nan_steps=(1,) if rank == 1 else ())
     trainer = Trainer(cfg, data=data)
     try:
         trainer.train()
@@ -244,7 +244,8 @@ def _nan_guard(config_path: Path, out: Path) -> dict:
     queues_finite = all(bool(torch.isfinite(q.media).all()) for q in trainer.module.objective.queues.queues.values())
     cfg = load_config(config_path, [f"run_dir={out / 'nan_stop'}", "steps=10", "checkpoint.every=0",
                                     "optim.max_nonfinite_steps=2"])
-    trainer = Trainer(cfg, data=SyntheticBatches(cfg.model, cfg.seed, rank, nan_steps=tuple(range(1, 10))))
+    trainer = Trainer(cfg, data=SyntheticBatches(cfg.model, cfg.data.sizing, cfg.seed, rank,
+                                                 nan_steps=tuple(range(1, 10))))
     stop_message = ""
     try:
         trainer.train()

@@ -21,7 +21,6 @@ def _config(path: Path, demo_dir: Path, run_dir: Path) -> Path:
         "seed": 1, "run_dir": str(run_dir),
         "data": {"shards": str(demo_dir), "workers": 1, "packing": {"max_tokens": 512},
                  "sizing": {"patch_size": 8, "max_side_patches": 8, "video_side_px": 32, "max_sample_tokens": 256}},
-        "model": {"encoder": {"vision_patch_size": 8}},
         "curriculum": {"phases": [{"start": 0, "values": {"resolution": {32: 1.0}, "hard_negative_ratio": 0.5}},
                                   {"start": 3, "values": {"resolution": {32: 0.5, 48: 0.5}}}]},
         "loss": {"queue": {"size": 64}, "hard_negatives": {"num_negatives": 8}},

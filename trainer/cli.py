@@ -27,13 +27,29 @@ def _cmd_config_show(args: argparse.Namespace) -> None:
 def _cmd_curriculum_show(args: argparse.Namespace) -> None:
     from plait.trainer.config import load_config
     from plait.trainer.console import console, emit_result
-    from plait.trainer.curriculum import curriculum_table, plot_curriculum
+    from plait.trainer.curriculum import Curriculum, curriculum_table, plot_curriculum
 
     config = load_config(args.config, args.set)
+    curriculum = Curriculum.from_run(config)
     out = args.out or f"{Path(args.config).stem}-curriculum.png"
-    console.print(curriculum_table(config.curriculum), highlight=False, soft_wrap=True)
-    plot_curriculum(config.curriculum, out, steps=args.steps or None)
+    console.print(curriculum_table(curriculum), highlight=False, soft_wrap=True)
+    plot_curriculum(curriculum, out, steps=args.steps or None)
     emit_result({"phases": len(config.curriculum.phases), "plot": out})
+
+
+def _cmd_embed(args: argparse.Namespace) -> None:
+    from rich.table import Table
+
+    from plait.trainer.console import console, emit_result
+    from plait.trainer.export import load_any
+
+    model = load_any(args.model)
+    similarity = (model.encode_media(args.media) @ model.encode_text(args.text).T).tolist()
+    table = Table("media \\ text", *args.text)
+    for name, row in zip(args.media, similarity):
+        table.add_row(name, *(f"{value:.3f}" for value in row))
+    console.print(table)
+    emit_result({"media": args.media, "text": args.text, "similarity": similarity})
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> None:
@@ -113,6 +129,12 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     table.add_argument("--steps", type=int, default=0, help="steps to plot (default: past the last change)")
     table.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
     table.set_defaults(func=_cmd_curriculum_show)
+
+    embed = sub.add_parser("embed", help="media x text cosine similarities of a trained or exported model")
+    embed.add_argument("model", help="an exported model directory, a run directory or a checkpoint folder")
+    embed.add_argument("--media", nargs="+", required=True, metavar="FILE", help="image, audio or video files")
+    embed.add_argument("--text", nargs="+", required=True, metavar="TEXT", help="captions")
+    embed.set_defaults(func=_cmd_embed)
 
     demo = sub.add_parser("demo-data", help="write the built-in handwritten-digit demo dataset")
     demo.add_argument("--out", required=True)

@@ -7,11 +7,14 @@ YAML shape (the `curriculum:` section of a run config, or a file under configs/c
         - {start: 0, values: {resolution: {224: 1.0}, loss_weights: {contrastive: 0.75, caption: 0.25}}}
         - {start: 1000, transition: linear, ramp: 200, values: {resolution: {224: 0.7, 448: 0.3}}}
 
-A phase lists only what changes; other values carry over from the previous phase (the first phase
-starts from `CurriculumValues` defaults). With `transition: linear` or `sigmoid`, numbers and dicts
-of numbers move from the previous phase's values to this phase's over `ramp` steps starting at
-`start`; lists switch at `start`. Values are a pure function of (config, step), so a resumed run
-sees exactly what the uninterrupted one saw; checkpoints store the config fingerprint to prove it.
+A phase lists only what changes; other values carry over from the previous phase, and a value no
+phase has set yet is the run config's (`base_values`: `loss.weights`, `loss.hard_negatives.hard_fraction`,
+`data.sizing.resolution`, `data.token_drop.rate`, `data.plan.mix`). Weight dicts (`loss_weights`,
+`lr_multipliers`) update only the keys a phase names; probability tables (`resolution`, `mix`) and
+lists replace the whole value. With `transition: linear` or `sigmoid`, numbers and dicts of numbers
+move from the previous phase's values to this phase's over `ramp` steps starting at `start`; lists
+switch at `start`. Values are a pure function of (config, step), so a resumed run sees exactly what
+the uninterrupted one saw; checkpoints store the fingerprint of phases and base values to prove it.
 """
 
 from __future__ import annotations
@@ -25,32 +28,46 @@ from bisect import bisect_right
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import yaml
+
+from plait.data.checks import check_table, is_number
+
+if TYPE_CHECKING:
+    from plait.trainer.config import RunConfig
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CurriculumValues:
-    """Everything the curriculum controls, resolved at one step (defaults = before any phase sets them)."""
+    """Everything the curriculum controls, resolved at one step (no defaults: see `base_values`)."""
 
-    resolution: dict[int, float] = field(default_factory=lambda: {224: 1.0})
+    resolution: dict[int, float]
     """Image side length in pixels → probability (sizing's `curriculum` side distribution)."""
-    token_drop_rate: float = 0.0
+    token_drop_rate: float
     """Mean fraction of encoder tokens dropped per sample (NaViT); use a sigmoid transition for its schedule."""
-    mix: dict[str, float] = field(default_factory=dict)
-    """Modality or source name → sampling probability; empty = the data's natural proportions."""
-    hard_negative_ratio: float = 0.0
+    mix: dict[str, float]
+    """Modality → sampling probability; empty = the data's natural proportions."""
+    hard_negative_ratio: float
     """Fraction of contrastive negatives drawn as hard negatives (the rest easy/random)."""
-    loss_weights: dict[str, float] = field(default_factory=lambda: {"contrastive": 1.0, "caption": 1.0})
+    loss_weights: dict[str, float]
     """Loss name → weight (e.g. contrastive, caption, balance, z); a missing loss has weight 0."""
-    frozen: list[str] = field(default_factory=list)
+    frozen: list[str]
     """Module name prefixes frozen in this phase (e.g. encoder, resampler, llm)."""
-    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    lr_multipliers: dict[str, float]
     """Parameter group → multiplier on the base learning rate; a missing group has multiplier 1."""
+
+
+def base_values(cfg: RunConfig) -> CurriculumValues:
+    """What holds before (and without) any phase: each value from its home in the run config.
+
+    Nothing is frozen and every group's multiplier is 1 (per-group peak LRs are `optim.group_lr`).
+    """
+    return CurriculumValues(resolution=dict(cfg.data.sizing.resolution), token_drop_rate=cfg.data.token_drop.rate,
+                            mix=dict(cfg.data.plan.mix), hard_negative_ratio=cfg.loss.hard_negatives.hard_fraction,
+                            loss_weights=dict(cfg.loss.weights), frozen=[], lr_multipliers={})
 
 
 _KINDS: dict[str, str] = {
@@ -65,7 +82,7 @@ _KINDS: dict[str, str] = {
 """How each value is validated and interpolated: numbers and dicts ramp, names switch."""
 
 _MISSING_KEY = {"resolution": 0.0, "mix": 0.0, "loss_weights": 0.0, "lr_multipliers": 1.0}
-"""What a dict key absent on one side of a ramp counts as."""
+"""What a dict key absent on one side of a ramp counts as (a weight dict key first set by that phase)."""
 
 _RANGES = {"token_drop_rate": (0.0, 0.99), "hard_negative_ratio": (0.0, 1.0)}
 """Closed ranges of the scalar values."""
@@ -74,39 +91,14 @@ _SIGMOID_SHARPNESS = 10.0
 """Steepness of the sigmoid transition over its ramp (NaViT-style smooth schedule)."""
 
 
-def _is_number(value: object) -> bool:
-    """A real number that is not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_scalar(path: str, name: str, value: object) -> float:
     """Validate a number value and return it as float."""
-    if not _is_number(value) or not math.isfinite(value):
+    if not is_number(value) or not math.isfinite(value):
         raise ValueError(f"{path}: expected a number, got {value!r}")
     lo, hi = _RANGES.get(name, (0.0, math.inf))
     if not lo <= value <= hi:
         raise ValueError(f"{path}: {value} is outside [{lo}, {hi}]")
     return float(value)
-
-
-def _check_mapping(path: str, kind: str, name: str, value: object) -> dict:
-    """Validate a dict of non-negative numbers (probabilities must sum to 1); resolution keys become ints."""
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{path}: expected a mapping of name to number, got {value!r}")
-    out: dict = {}
-    for key, number in value.items():
-        if name == "resolution":
-            if not str(key).isdigit() or int(key) < 1:
-                raise ValueError(f"{path}: side length {key!r} is not a positive integer (pixels)")
-            key = int(key)
-        if not _is_number(number) or not math.isfinite(number) or number < 0:
-            raise ValueError(f"{path}.{key}: expected a non-negative number, got {number!r}")
-        out[key] = float(number)
-    if kind == "probabilities" and out and abs(sum(out.values()) - 1.0) > 1e-6:
-        raise ValueError(f"{path}: probabilities sum to {sum(out.values()):.6g}, expected 1")
-    if name == "resolution" and not out:
-        raise ValueError(f"{path}: needs at least one side length")
-    return out
 
 
 def validate_values(values: Mapping[str, object], path: str = "values") -> dict[str, object]:
@@ -126,7 +118,8 @@ def validate_values(values: Mapping[str, object], path: str = "values") -> dict[
                 raise ValueError(f"{where}: expected a list of names, got {value!r}")
             out[name] = list(value)
         else:
-            out[name] = _check_mapping(where, kind, name, value)
+            out[name] = check_table(where, value, probabilities=kind == "probabilities",
+                                    side_lengths=name == "resolution")
     return out
 
 
@@ -141,7 +134,7 @@ class PhaseConfig:
     ramp: int = 0
     """Steps the linear/sigmoid transition takes, starting at `start` (0 = a step change)."""
     values: dict[str, Any] = field(default_factory=dict)
-    """Values this phase sets (names as in CurriculumValues); unlisted ones carry over."""
+    """Values this phase sets (names as in CurriculumValues); unlisted ones (and weight keys) carry over."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.start, int) or self.start < 0:
@@ -156,7 +149,7 @@ class PhaseConfig:
 
 
 def _default_phases() -> list[PhaseConfig]:
-    """One phase holding the defaults."""
+    """One phase that sets nothing: the run config's values hold throughout."""
     return [PhaseConfig()]
 
 
@@ -196,31 +189,14 @@ class CurriculumConfig:
                                  f"phases[{i}].start={phases[i].start}")
 
     def fingerprint(self) -> str:
-        """Stable hash of the normalised phases: equal fingerprints resolve equal values at every step."""
-        canonical = json.dumps([asdict(p) for p in self.phases], sort_keys=True, default=str)
-        return hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
+        """Stable hash of the normalised phases (with equal base values, equal values at every step)."""
+        return _digest([asdict(p) for p in self.phases])
 
 
-def curriculum_from_mapping(mapping: Mapping[str, Any]) -> CurriculumConfig:
-    """Build the config from a parsed YAML document (with or without the top-level `curriculum:` key)."""
-    section = mapping.get("curriculum", mapping)
-    unknown = sorted(set(section) - {"phases"})
-    if unknown:
-        raise ValueError(f"curriculum.{unknown[0]}: unknown field, expected phases")
-    try:
-        return CurriculumConfig(**section)
-    except ValueError as err:
-        raise ValueError(f"curriculum.{err}") from None
-
-
-def load_curriculum(path: str | Path) -> CurriculumConfig:
-    """Read the `curriculum:` section of a YAML file (a run config or a configs/curricula fragment)."""
-    with open(path, encoding="utf-8") as handle:
-        document = yaml.safe_load(handle) or {}
-    try:
-        return curriculum_from_mapping(document)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+def _digest(data: object) -> str:
+    """Stable hex hash of JSON-able data."""
+    canonical = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
 
 
 def _shape(transition: str, progress: float) -> float:
@@ -230,6 +206,11 @@ def _shape(transition: str, progress: float) -> float:
     k = _SIGMOID_SHARPNESS
     low, high = 1 / (1 + math.exp(k / 2)), 1 / (1 + math.exp(-k / 2))
     return (1 / (1 + math.exp(-k * (progress - 0.5))) - low) / (high - low)
+
+
+def _settle(name: str, old: object, new: object) -> object:
+    """A phase's value over the previous one: weight dicts update the named keys, the rest replace."""
+    return {**old, **new} if _KINDS[name] == "weights" else new
 
 
 def _blend(name: str, old: object, new: object, f: float) -> object:
@@ -245,18 +226,24 @@ def _blend(name: str, old: object, new: object, f: float) -> object:
 
 
 class Curriculum:
-    """Resolves a CurriculumConfig at any step; the state for checkpoints is (fingerprint, step)."""
+    """Resolves a CurriculumConfig over base values at any step; the state for checkpoints is (fingerprint, step)."""
 
-    def __init__(self, cfg: CurriculumConfig) -> None:
+    def __init__(self, cfg: CurriculumConfig, base: CurriculumValues) -> None:
         self.cfg = cfg
-        self.fingerprint = cfg.fingerprint()
+        self.fingerprint = _digest({"phases": cfg.fingerprint(), "base": asdict(base)})
         self.step = 0
         self._starts = [phase.start for phase in cfg.phases]
         self._targets: list[dict[str, object]] = []
-        current = asdict(CurriculumValues())
+        current = asdict(base)
         for phase in cfg.phases:
-            current = {**current, **phase.values}
+            current = {name: _settle(name, old, phase.values[name]) if name in phase.values else old
+                       for name, old in current.items()}
             self._targets.append(current)
+
+    @classmethod
+    def from_run(cls, cfg: RunConfig) -> Curriculum:
+        """The run's curriculum over its config's base values (what the trainer, plan and `show` all use)."""
+        return cls(cfg.curriculum, base_values(cfg))
 
     def phase_values(self, index: int) -> CurriculumValues:
         """Values phase `index` settles at once its ramp is over."""
@@ -269,6 +256,10 @@ class Curriculum:
     def at(self, step: int) -> CurriculumValues:
         """Values at `step` (also remembered as the current step for `state_dict`)."""
         self.step = int(step)
+        return self.resolve(step)
+
+    def resolve(self, step: int) -> CurriculumValues:
+        """Values at `step`, without touching the checkpointed step (for tables and plots)."""
         i = self.phase_index(step)
         phase, target = self.cfg.phases[i], self._targets[i]
         resolved = target
@@ -279,11 +270,11 @@ class Curriculum:
         return CurriculumValues(**copy.deepcopy(resolved))
 
     def state_dict(self) -> dict[str, object]:
-        """Checkpoint state: the config fingerprint and the current step."""
+        """Checkpoint state: the fingerprint (phases and base values) and the current step."""
         return {"fingerprint": self.fingerprint, "step": self.step}
 
     def load_state_dict(self, state: Mapping[str, object], strict: bool = True) -> None:
-        """Restore the step; a different config fingerprint raises (strict) or warns (the schedule changed)."""
+        """Restore the step; a different fingerprint raises (strict) or warns (the schedule or its base changed)."""
         if state["fingerprint"] != self.fingerprint:
             message = (f"curriculum changed since the checkpoint (fingerprint {state['fingerprint']} → "
                        f"{self.fingerprint}); a resumed run will not match the original")
@@ -302,9 +293,10 @@ def _format(value: object) -> str:
     return f"{value:.3g}"
 
 
-def curriculum_table(cfg: CurriculumConfig) -> str:
+def curriculum_table(curriculum: Curriculum) -> str:
     """Plain-text table: one column per phase (start, transition) and one row per value, resolved."""
-    settled = [asdict(Curriculum(cfg).phase_values(i)) for i in range(len(cfg.phases))]
+    cfg = curriculum.cfg
+    settled = [asdict(curriculum.phase_values(i)) for i in range(len(cfg.phases))]
     header = ["value"] + [f"phase {i}" for i in range(len(cfg.phases))]
     rows = [header,
             ["start"] + [str(p.start) for p in cfg.phases],
@@ -319,19 +311,24 @@ def curriculum_table(cfg: CurriculumConfig) -> str:
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines + ["(* = set in this phase; other values carry over)"])
+    return "\n".join(lines + ["(* = set in this phase; other values carry over, unset ones are the run config's)"])
 
 
-def plot_curriculum(cfg: CurriculumConfig, path: str | Path, steps: int | None = None) -> None:
-    """Write a PNG of every value that is set, over steps 0..steps (default: 25% past the last change)."""
+def curriculum_series(curriculum: Curriculum, steps: int | None = None) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Up to 400 steps over 0..steps (default: 25% past the last change) and the values resolved at each."""
+    last = max(p.start + p.ramp for p in curriculum.cfg.phases)
+    steps = steps or max(int(last * 1.25), 10)
+    xs = np.unique(np.linspace(0, steps, 400).astype(np.int64))
+    return xs, [asdict(curriculum.resolve(int(x))) for x in xs]
+
+
+def plot_curriculum(curriculum: Curriculum, path: str | Path, steps: int | None = None) -> None:
+    """Write a PNG of every value that is set, as the run applies it (`curriculum_series`)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    last = max(p.start + p.ramp for p in cfg.phases)
-    steps = steps or max(int(last * 1.25), 10)
-    xs = np.unique(np.linspace(0, steps, 400).astype(np.int64))
-    curriculum = Curriculum(cfg)
-    series = [asdict(curriculum.at(int(x))) for x in xs]
+    cfg = curriculum.cfg
+    xs, series = curriculum_series(curriculum, steps)
     panels = [name for name, kind in _KINDS.items() if kind != "names" and any(s[name] for s in series)]
     figure = Figure(figsize=(8, 1.8 * len(panels) + 0.6), constrained_layout=True)
     FigureCanvasAgg(figure)

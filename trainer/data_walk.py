@@ -16,51 +16,15 @@ from pathlib import Path
 
 from plait.data.batch import MODALITIES
 from plait.data.dataset_index import DatasetIndex
-from plait.data.manifest import INDEX_NAME
-from plait.data.plan import AgreeMax, PlanConfig, RankStep, SamplePlan, ValuesAt
+from plait.data.plan import RankStep, SamplePlan
 from plait.data.plan_types import MicroBatchPlan
+from plait.data.source import open_dataset
 from plait.trainer.config import RunConfig, load_config
 from plait.trainer.console import emit_result
-from plait.trainer.curriculum import Curriculum
+from plait.trainer.planned_batches import resolve_tokenizer, run_plan
 
 Decoder = Callable[[MicroBatchPlan], dict[str, int]]
 """Reads and decodes a planned micro-batch; returns skipped-sample counts by reason (the `--decode` hook)."""
-
-
-def dataset_for(cfg: RunConfig) -> DatasetIndex:
-    """The run's indexed dataset: `data.shards`, or the demo data (written and indexed on first use)."""
-    if cfg.data.shards:
-        return DatasetIndex.from_spec(cfg.data.shards)
-    from plait.data.demo import DemoSpec, write_demo
-
-    spec = DemoSpec(samples=cfg.data.demo.samples, samples_per_shard=cfg.data.demo.samples_per_shard)
-    out = Path(cfg.data.demo.out) / spec.dirname
-    if not (out / INDEX_NAME).exists():
-        from plait.data.indexer import index_dataset
-
-        write_demo(out, spec)
-        index_dataset(str(out), out=out, workers=1)
-    return DatasetIndex(out)
-
-
-def curriculum_values(cfg: RunConfig) -> ValuesAt:
-    """step → (resolution, token drop rate, mix) from the run's curriculum."""
-    curriculum = Curriculum(cfg.curriculum)
-
-    def values_at(step: int) -> tuple[dict[int, float], float, dict[str, float]]:
-        values = curriculum.at(step)
-        return values.resolution, values.token_drop_rate, values.mix
-
-    return values_at
-
-
-def build_plan(cfg: RunConfig, world_size: int, ranks: list[int] | None = None, plan_cfg: PlanConfig | None = None,
-               agree: AgreeMax | None = None, index: DatasetIndex | None = None) -> SamplePlan:
-    """The sample plan of a run for `ranks` (default all) of `world_size` ranks, over `index` (default: the
-    run's dataset, opened here)."""
-    return SamplePlan(index or dataset_for(cfg), seed=cfg.seed, sizing=cfg.data.sizing, token_drop=cfg.data.token_drop,
-                      packing=cfg.data.packing, values_at=curriculum_values(cfg), world_size=world_size,
-                      ranks=ranks, config=plan_cfg or cfg.data.plan, agree=agree, fingerprint_extra=cfg.curriculum.fingerprint())
 
 
 def step_record(step: RankStep, skipped: dict[str, int]) -> dict:
@@ -98,7 +62,6 @@ def walk(plan: SamplePlan, steps: int | None = None, epochs: int | None = None,
 def make_decoder(cfg: RunConfig, index: DatasetIndex) -> Decoder:
     """`--decode`: really read, decode and pack each planned micro-batch; returns its skipped samples by reason."""
     from plait.data.loader import decode_plans
-    from plait.trainer.planned_batches import resolve_tokenizer
 
     tokenizer = resolve_tokenizer(cfg, index)
 
@@ -112,10 +75,11 @@ def make_decoder(cfg: RunConfig, index: DatasetIndex) -> Decoder:
 
 def _cmd_walk(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.set)
-    plan = build_plan(cfg, args.world_size, plan_cfg=dataclasses.replace(cfg.data.plan, split=args.split))
+    index = open_dataset(cfg.data)
+    plan = run_plan(cfg, index, args.world_size, plan_cfg=dataclasses.replace(cfg.data.plan, split=args.split))
     if args.state_in:
         plan.load_state_dict(json.loads(Path(args.state_in).read_text()))
-    decode = make_decoder(cfg, dataset_for(cfg)) if args.decode else None
+    decode = make_decoder(cfg, index) if args.decode else None
     summary = walk(plan, steps=args.steps, epochs=args.epochs, decode=decode)
     if args.state_out:
         Path(args.state_out).write_text(json.dumps(plan.state_dict()))

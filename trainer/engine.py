@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from plait.data.batch import PackedBatch
+from plait.data.rng import caption_keys
+from plait.data.sizing import SizingConfig
 from plait.trainer.config import RunConfig
-from plait.trainer.evaluate import caption_keys
 from plait.trainer.losses.config import LossConfig
 from plait.trainer.losses.objective import Objective, ObjectiveInputs
 from plait.trainer.model.config import ModelConfig
@@ -44,9 +45,9 @@ class TrainOutput:
 class TrainModule(nn.Module):
     """What DeepSpeed wraps: `model` (encoder -> resampler -> LLM) and `objective` (losses, temperature, queues)."""
 
-    def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig) -> None:
+    def __init__(self, model_cfg: ModelConfig, sizing: SizingConfig, loss_cfg: LossConfig) -> None:
         super().__init__()
-        self.model = MultimodalModel(model_cfg)
+        self.model = MultimodalModel(model_cfg, sizing)
         self.objective = Objective(loss_cfg, model_cfg.embed_dim)
 
     def forward(self, batch: PackedBatch, step: int, weights: dict[str, float] | None = None,
@@ -139,7 +140,7 @@ def build_engine(cfg: RunConfig, freezable: list[str] = (), load_universal: bool
     import deepspeed
 
     torch.manual_seed(cfg.seed)
-    module = TrainModule(cfg.model, cfg.loss)
+    module = TrainModule(cfg.model, cfg.data.sizing, cfg.loss)
     mark_zero3_leaf_modules(module)
     optimizer = build_optimizer(module, cfg.optim, freezable)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg, load_universal))

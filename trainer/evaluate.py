@@ -2,7 +2,7 @@
 
 A retrieved item is a hit when its caption equals the query's own caption (so duplicate captions, e.g.
 "a 7 moving to the left" for two videos, all count). Captions are compared through 62-bit keys of their
-token ids, computed for a whole packed batch at once.
+token ids (`data.rng.caption_keys`), computed for a whole packed batch at once.
 """
 
 from __future__ import annotations
@@ -15,39 +15,6 @@ from plait.data.batch import MODALITIES
 
 KS = (1, 5, 10)
 """Cut-offs reported as R@k."""
-
-_PRIMES = (2**31 - 1, 2**31 - 19)
-"""Two Mersenne-like primes; a caption key is two 31-bit polynomial hashes side by side."""
-_BASE = 1_000_003
-"""Polynomial hash base."""
-
-
-def _pow_mod(base: int, exponent: torch.Tensor, modulus: int) -> torch.Tensor:
-    """base ** exponent % modulus elementwise (square-and-multiply over the exponent's bits)."""
-    result = torch.ones_like(exponent)
-    power = torch.full_like(exponent, base % modulus)
-    e = exponent.clone()
-    while bool((e > 0).any()):
-        result = torch.where(e & 1 == 1, result * power % modulus, result)
-        power = power * power % modulus
-        e = e >> 1
-    return result
-
-
-def caption_keys(caption_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """[N] int64 key of each caption's token sequence (equal sequences -> equal keys; collisions ~2^-62)."""
-    cu = cu_seqlens.long().cpu()
-    ids = caption_ids.long().cpu() + 1
-    n = cu.numel() - 1
-    lengths = cu[1:] - cu[:-1]
-    seg = torch.repeat_interleave(torch.arange(n), lengths)
-    position = torch.arange(ids.numel()) - cu[:-1][seg]
-    key = torch.zeros(n, dtype=torch.long)
-    for modulus in _PRIMES:
-        terms = ids % modulus * _pow_mod(_BASE, position, modulus) % modulus
-        sums = torch.zeros(n, dtype=torch.long).index_add_(0, seg, terms) % modulus
-        key = key * (2**31) + (sums + lengths) % modulus
-    return key
 
 
 def recall_at_k(queries: torch.Tensor, keys: torch.Tensor, query_captions: torch.Tensor,
@@ -70,18 +37,6 @@ def retrieval_metrics(media: torch.Tensor, text: torch.Tensor, captions: torch.T
         m, t, c = media[rows], text[rows], captions[rows]
         out[name] = {"media_to_text": recall_at_k(m, t, c, c, ks), "text_to_media": recall_at_k(t, m, c, c, ks)}
     return out
-
-
-def reference_recall(queries: torch.Tensor, keys: torch.Tensor, query_captions: list, key_captions: list,
-                     ks: Sequence[int] = KS) -> dict[str, float]:
-    """Float64 per-query loop version of `recall_at_k` (the tests hold the fast path to it)."""
-    hits = {k: 0 for k in ks}
-    for i in range(queries.shape[0]):
-        sims = [float(queries[i].double() @ keys[j].double()) for j in range(keys.shape[0])]
-        order = sorted(range(len(sims)), key=lambda j: -sims[j])
-        for k in ks:
-            hits[k] += any(key_captions[j] == query_captions[i] for j in order[:k])
-    return {f"R@{k}": hits[k] / queries.shape[0] for k in ks}
 
 
 def summary(metrics: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:

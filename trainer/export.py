@@ -1,8 +1,9 @@
-"""`plait export CKPT --out DIR`: consolidated fp32 weights of the whole model, and the LLM in Hugging Face
-`save_pretrained` format (its MoME layers keep plait's parameter names; dense layers load as usual).
+"""`plait export CKPT --out DIR`: a checkpoint's model as the directory `PretrainedModel.save_pretrained` writes
+(config and preprocessing, fp32 weights, tokenizer, and the LLM in Hugging Face format, whose MoME layers keep
+plait's parameter names).
 
 Works from any ZeRO stage and world size: DeepSpeed's zero_to_fp32 merges the optimizer's fp32 shards.
-The model config travels in the checkpoint, so no run config is needed.
+The run config travels in the checkpoint, so none is needed.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from typing import Any
 
 import torch
 
+from plait.data.tokenizer import load_tokenizer
 from plait.trainer.checkpoint import LATEST, latest_tag
+from plait.trainer.config import RunConfig
 from plait.trainer.config_loader import build
-from plait.trainer.model.config import ModelConfig
-from plait.trainer.model.multimodal import MultimodalModel
+from plait.trainer.model.pretrained import CONFIG_NAME, PretrainedModel, preprocess_config, tokenizer_source
 
 MODEL_PREFIX = "model."
 """Where the MultimodalModel's weights sit in the trained module's state dict."""
@@ -40,22 +42,43 @@ def run_state(folder: Path, tag: str) -> dict[str, Any]:
     return states["plait"]
 
 
-def export(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
-    """Write `out/model_fp32.pt` (all weights) and `out/llm/` (HF format); returns what was written."""
+def saved_run_config(state: dict[str, Any], run_dir: Path) -> RunConfig:
+    """The run config a checkpoint saved, without re-checking the paths only training reads (shards, DeepSpeed
+    JSON: the checkpoint may have moved machines); `run_dir` is where the checkpoint lies now."""
+    saved = dict(state["config"])
+    saved["data"] = {**saved.get("data", {}), "shards": ""}
+    saved["deepspeed"] = {**saved.get("deepspeed", {}), "config_file": ""}
+    saved["run_dir"] = str(run_dir)
+    return build(RunConfig, saved, source=str(run_dir))
+
+
+def load_trained(checkpoint: str | Path) -> tuple[PretrainedModel, dict[str, Any]]:
+    """The trained model of a checkpoint (any ZeRO stage and world size) with its tokenizer, and the run state."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     folder, tag = resolve_checkpoint(checkpoint)
     state = run_state(folder, tag)
+    cfg = saved_run_config(state, folder.parent)
+    model = PretrainedModel(cfg.model, preprocess_config(cfg), load_tokenizer(tokenizer_source(cfg)),
+                            load_llm_weights=False)
     weights = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(weights, out / "model_fp32.pt")
-    model = MultimodalModel(build(ModelConfig, state["config"]["model"], source=str(folder / tag)))
     own = {k.removeprefix(MODEL_PREFIX): v for k, v in weights.items() if k.startswith(MODEL_PREFIX)}
-    missing, unexpected = model.load_state_dict(own, strict=False)
-    if unexpected or [k for k in missing if k in dict(model.named_parameters())]:
+    missing, unexpected = model.model.load_state_dict(own, strict=False)
+    if unexpected or [k for k in missing if k in dict(model.model.named_parameters())]:
         raise ValueError(f"{folder / tag}: checkpoint does not match its model config "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.llm.model.save_pretrained(out / "llm")
-    return {"checkpoint": str(folder / tag), "step": state["step"], "weights": str(out / "model_fp32.pt"),
-            "llm": str(out / "llm"), "parameters": sum(v.numel() for v in weights.values())}
+    return model.eval(), {"checkpoint": str(folder / tag), "step": state["step"]}
+
+
+def load_any(path: str | Path) -> PretrainedModel:
+    """A saved model directory (`plait export`, `save_pretrained`), else a checkpoint or run directory."""
+    if (Path(path) / CONFIG_NAME).is_file():
+        return PretrainedModel.from_pretrained(path)
+    return load_trained(path)[0]
+
+
+def export(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write the checkpoint's model as a `save_pretrained` directory; returns what was written."""
+    model, written = load_trained(checkpoint)
+    model.save_pretrained(out)
+    return {**written, "out": str(out), "parameters": sum(p.numel() for p in model.model.parameters())}

@@ -13,19 +13,18 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch.distributed as dist
-import webdataset as wds
 from transformers import PreTrainedTokenizerBase
 
 from plait.data.batch import PackedBatch
 from plait.data.dataset_index import DatasetIndex
 from plait.data.loader import PlanDataset, PlanLoader
-from plait.data.manifest import caption_and_group
-from plait.data.plan import SamplePlan
+from plait.data.plan import PlanConfig, SamplePlan, ValuesAt
 from plait.data.reader import check_shards
-from plait.data.tar_scan import iter_samples
+from plait.data.source import build_plan, dataset_captions, open_dataset
 from plait.data.tokenizer import load_tokenizer, train_tokenizer
 from plait.trainer.config import RunConfig
-from plait.trainer.data_walk import build_plan, dataset_for
+from plait.trainer.curriculum import Curriculum
+from plait.trainer.model.pretrained import tokenizer_source
 
 logger = logging.getLogger(__name__)
 
@@ -33,46 +32,47 @@ TOKENIZER_CAPTIONS = 100_000
 """Captions read to train a tokenizer for an LLM built from config (no tokenizer of its own)."""
 
 
-def dataset_captions(index: DatasetIndex, limit: int) -> list[str]:
-    """Up to `limit` captions, shard by shard in index order (for training a tokenizer)."""
-    captions: list[str] = []
-    for shard in range(len(index.names)):
-        with wds.gopen(index.shard_url(shard), "rb") as stream:
-            for sample in iter_samples(stream, []):
-                caption, _ = caption_and_group(sample, sample.key)
-                if caption:
-                    captions.append(caption)
-                if len(captions) >= limit:
-                    return captions
-    return captions
+def curriculum_values(curriculum: Curriculum) -> ValuesAt:
+    """step → (resolution, token drop rate, mix): the data values of the run's curriculum."""
+
+    def values_at(step: int) -> tuple[dict[int, float], float, dict[str, float]]:
+        values = curriculum.resolve(step)
+        return values.resolution, values.token_drop_rate, values.mix
+
+    return values_at
+
+
+def run_plan(cfg: RunConfig, index: DatasetIndex, world_size: int, ranks: list[int] | None = None,
+             plan_cfg: PlanConfig | None = None) -> SamplePlan:
+    """The sample plan of a run for `ranks` (default all) of `world_size` ranks, following its curriculum."""
+    # The phases alone identify the schedule to the plan: it fingerprints the data sections (the base values) itself.
+    return build_plan(cfg.data, index, cfg.seed, curriculum_values(Curriculum.from_run(cfg)),
+                      cfg.curriculum.fingerprint(), world_size, ranks=ranks, plan_cfg=plan_cfg)
 
 
 def prepare_data(cfg: RunConfig) -> DatasetIndex:
     """The run's dataset, built and indexed by rank 0 when it is the demo data; every rank waits for it."""
     if dist.is_initialized() and dist.get_rank() != 0:
         dist.barrier()
-        return dataset_for(cfg)
-    index = dataset_for(cfg)
+        return open_dataset(cfg.data)
+    index = open_dataset(cfg.data)
     if dist.is_initialized():
         dist.barrier()
     return index
 
 
 def resolve_tokenizer(cfg: RunConfig, index: DatasetIndex) -> PreTrainedTokenizerBase:
-    """`model.llm.tokenizer`, else the LLM's own, else a BPE trained on the captions (saved in the run directory)."""
-    llm = cfg.model.llm
-    name = llm.tokenizer or llm.name_or_path
-    if name:
-        return load_tokenizer(name)
-    out = Path(cfg.run_dir) / "tokenizer"
+    """The run's tokenizer (`tokenizer_source`); a BPE trained on the captions into the run dir when it has none."""
+    source = Path(tokenizer_source(cfg))
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0 and not (out / "tokenizer.json").exists():
-        vocab = int(llm.model_kwargs.get("vocab_size", 0))
-        train_tokenizer(dataset_captions(index, TOKENIZER_CAPTIONS), vocab, out)
-        logger.info("trained a %d-token caption tokenizer into %s", vocab, out)
-    if dist.is_initialized():
+    trained = not (cfg.model.llm.tokenizer or cfg.model.llm.name_or_path)
+    if trained and rank == 0 and not (source / "tokenizer.json").exists():
+        vocab = int(cfg.model.llm.model_kwargs.get("vocab_size", 0))
+        train_tokenizer(dataset_captions(index, TOKENIZER_CAPTIONS), vocab, source)
+        logger.info("trained a %d-token caption tokenizer into %s", vocab, source)
+    if trained and dist.is_initialized():
         dist.barrier()
-    return load_tokenizer(out)
+    return load_tokenizer(source)
 
 
 class PlannedBatches:
@@ -84,7 +84,7 @@ class PlannedBatches:
         self.index = index = prepare_data(cfg)
         check_shards([index.shard_url(i) for i in range(len(index.names))])
         self.tokenizer = resolve_tokenizer(cfg, index)
-        self.plan = build_plan(cfg, world_size, ranks=[rank], index=index)
+        self.plan = run_plan(cfg, index, world_size, ranks=[rank])
         self._loader: PlanLoader | None = None
         self._batches: Iterator[PackedBatch] | None = None
         self._eval: list[PackedBatch] | None = None
@@ -99,7 +99,7 @@ class PlannedBatches:
         """Loader over the run's remaining plan steps, starting where the plan copy stands."""
         total = self.cfg.steps * self.accumulation
         start = self.plan.state.step
-        worker_plan = build_plan(self.cfg, self.world, ranks=[self.rank], index=self.index)
+        worker_plan = run_plan(self.cfg, self.index, self.world, ranks=[self.rank])
         worker_plan.load_state_dict(self.plan.state_dict())
         self._loader = PlanLoader(self._dataset(worker_plan, max(total, start), True), self.cfg.data.workers,
                                   self.cfg.data.max_consecutive_failures, start_step=start)
@@ -120,10 +120,10 @@ class PlannedBatches:
         if self._eval is None:
             cfg = self.cfg
             eval_cfg = dataclasses.replace(cfg.data.plan, split="eval")
-            eval_plan = build_plan(cfg, self.world, ranks=[self.rank], plan_cfg=eval_cfg, index=self.index)
+            eval_plan = run_plan(cfg, self.index, self.world, ranks=[self.rank], plan_cfg=eval_cfg)
             steps = 0
             samples = 0
-            probe = build_plan(cfg, self.world, plan_cfg=eval_cfg, index=self.index)
+            probe = run_plan(cfg, self.index, self.world, plan_cfg=eval_cfg)
             while probe.upcoming_epoch() == 0 and samples < cfg.eval.max_samples:
                 samples += sum(len(s.plan.samples) for s in probe.next_step())
                 steps += 1

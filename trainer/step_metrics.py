@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from plait.trainer.model.routing import TOKEN_MODALITIES
+from plait.data.batch import TOKEN_MODALITIES
 
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
 """Dense bf16 peak FLOP/s by GPU model name fragment; unknown devices (CPUs) report no MFU."""

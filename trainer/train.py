@@ -17,13 +17,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from plait.data.rng import caption_keys
 from plait.trainer.checkpoint import Checkpointer, PreemptionFlag, rng_state, set_rng_state
 from plait.trainer.config import RunConfig
 from plait.trainer.config_loader import render_yaml, to_dict
 from plait.trainer.curriculum import Curriculum, plot_curriculum
 from plait.trainer.data_source import BatchSource
 from plait.trainer.engine import build_engine, init_distributed
-from plait.trainer.evaluate import caption_keys, flat_metrics, gather_embeddings, retrieval_metrics, summary
+from plait.trainer.evaluate import flat_metrics, gather_embeddings, retrieval_metrics, summary
 from plait.trainer.model.accounting import estimate_flops, parameter_counts
 from plait.trainer.optim import apply_schedule, frozen_prefixes, group_of
 from plait.trainer.planned_batches import PlannedBatches
@@ -45,8 +46,7 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.run_dir = Path(cfg.run_dir)
-        self.curriculum = Curriculum(cfg.curriculum)
-        self.explicit = {name for phase in cfg.curriculum.phases for name in phase.values}
+        self.curriculum = Curriculum.from_run(cfg)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep)
         resume = cfg.checkpoint.resume
         freezable = frozen_prefixes(phase.values.get("frozen", []) for phase in cfg.curriculum.phases)
@@ -91,7 +91,7 @@ class Trainer:
         config_path = self.run_dir / "resolved-config.yaml"
         config_path.write_text(render_yaml(self.cfg) + "\n")
         plot_path = self.run_dir / "curriculum.png"
-        plot_curriculum(self.cfg.curriculum, plot_path, steps=self.cfg.steps)
+        plot_curriculum(self.curriculum, plot_path, steps=self.cfg.steps)
         self.tracker.log_artifact(config_path)
         self.tracker.log_artifact(plot_path)
         self.tracker.flush()
@@ -129,9 +129,8 @@ class Trainer:
         """One optimizer step over `gradient_accumulation_steps` micro-batches, skipped if non-finite."""
         values = self.curriculum.at(self.step)
         lrs = apply_schedule(self.engine.optimizer, self.step, self.cfg.optim, self.cfg.steps, values)
-        weights = values.loss_weights if "loss_weights" in self.explicit else None
-        hard = values.hard_negative_ratio if "hard_negative_ratio" in self.explicit else None
-        queues = self._queue_snapshot()
+        queues = self.module.objective.queues
+        rollback = queues.snapshot() if queues is not None else None
         components: dict[str, float] = {}
         counts: dict[str, float] = {}
         experts = None
@@ -139,7 +138,7 @@ class Trainer:
         gas = self.cfg.deepspeed.gradient_accumulation_steps
         for micro in range(gas):
             batch = self.data.batch(self.step, micro)
-            out = self.engine(batch, self.step, weights=weights, hard_fraction=hard)
+            out = self.engine(batch, self.step, weights=values.loss_weights, hard_fraction=values.hard_negative_ratio)
             self.engine.backward(out.loss)
             if micro == gas - 1 and self._logs_at(self.step + 1):
                 components.update(grad_norms(self.module, group_of))
@@ -151,7 +150,8 @@ class Trainer:
             experts = out.expert_counts if experts is None else experts + out.expert_counts
         self.losses.append(loss_sum / gas)
         if not self.engine.was_step_applied():
-            self._restore_queues(queues)
+            if rollback is not None:
+                queues.restore(rollback)
             self.skipped_in_row += 1
             self.skipped_total += 1
             counts["skipped/nonfinite_steps"] = 1.0 / self.world
@@ -187,21 +187,6 @@ class Trainer:
         if self.peak_flops is not None:
             counts["flops"] = counts.get("flops", 0.0) + estimate_flops(self.module.model, batch, captioning).train
 
-    def _queue_snapshot(self) -> dict | None:
-        """References to the queue tensors (they are replaced, never written in place) to undo a skipped step."""
-        queues = self.module.objective.queues
-        if queues is None:
-            return None
-        return {name: (q.media, q.text, q.ids, q.step, q.ptr, q.count) for name, q in queues.queues.items()}
-
-    def _restore_queues(self, snapshot: dict | None) -> None:
-        """Put back the queues of a skipped step (its non-finite embeddings must not become negatives)."""
-        if snapshot is None:
-            return
-        for name, (media, text, ids, step, ptr, count) in snapshot.items():
-            queue = self.module.objective.queues[name]
-            queue.media, queue.text, queue.ids, queue.step, queue.ptr, queue.count = media, text, ids, step, ptr, count
-
     def _log(self) -> None:
         """Reduce the window over ranks and send it (rank 0)."""
         metrics, experts = self.window.reduce(self.peak_flops)
@@ -214,7 +199,10 @@ class Trainer:
         self.window.reset()
 
     def evaluate(self) -> dict[str, dict[str, float]]:
-        """Retrieval R@1/5/10 per modality on the held-out batches (all ranks run; metrics on rank 0)."""
+        """Retrieval R@1/5/10 per modality on the held-out batches (all ranks run; metrics on rank 0); none when
+        the run holds nothing out (`data.plan.eval_fraction: 0`)."""
+        if self.cfg.data.plan.eval_fraction == 0:
+            return {}
         self.module.eval()
         parts = []
         for batch in self.data.eval_batches():

@@ -105,7 +105,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser("train", help="train (or resume) a run from a config")
     add_train_arguments(train)
     train.set_defaults(func=_cmd_train)
-    export = subparsers.add_parser("export", help="consolidated fp32 weights + the LLM in HF format")
+    export = subparsers.add_parser("export", help="the trained model as a self-contained directory "
+                                                  "(for plait embed and PretrainedModel.from_pretrained)")
     export.add_argument("checkpoint", help="a checkpoint folder (RUN_DIR/checkpoints/stepNNNNNNNN) or run dir")
     export.add_argument("--out", required=True, help="output folder")
     export.set_defaults(func=_cmd_export)

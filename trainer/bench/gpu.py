@@ -16,7 +16,6 @@ Example (GPU): `plait bench gpu`; (CPU smoke test): `plait bench gpu --small --c
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import signal
 import time
@@ -27,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from rich.table import Table
 
-from plait.data.batch import PackedBatch
+from plait.data.sizing import SizingConfig
 from plait.kernels.attention import flash_attn_available, torch_varlen_available, varlen_attention
 from plait.kernels.fused import make_adamw, make_norm, triton_available
 from plait.kernels.infonce import MatchIds, infonce_chunked, infonce_reference
 from plait.kernels.moe import combine, dispatch, ffn_rows, grouped_ffn, permute, reference_moe
+from plait.kernels.segments import lengths_to_cu
 from plait.trainer.bench.model import make_batch, navit_mix
 from plait.trainer.console import console
 from plait.trainer.model.accounting import estimate_flops, parameter_counts
@@ -90,7 +90,7 @@ def _varlen_case(tokens: int, heads: int, dim: int, device: torch.device, dtype:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(max(1, tokens // 64), max(2, tokens // 8), (64,), generator=g)
     lengths = lengths[: int((lengths.cumsum(0) <= tokens).sum())]
-    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(device, torch.int32)
+    cu = lengths_to_cu(lengths).to(device, torch.int32)
     total = int(cu[-1])
     return (*_leaves(device, dtype, (total, heads, dim), (total, heads, dim), (total, heads, dim), seed=seed), cu)
 
@@ -281,25 +281,15 @@ def billion_config() -> ModelConfig:
     )
 
 
-def to_device(batch: PackedBatch, device: torch.device) -> PackedBatch:
-    """The batch with every tensor (streams included) on `device`."""
-    streams = {name: dataclasses.replace(s, patches=s.patches.to(device), coords=s.coords.to(device),
-                                         seg=s.seg.to(device), cu_seqlens=s.cu_seqlens.to(device))
-               for name, s in batch.streams.items()}
-    return dataclasses.replace(batch, streams=streams, modality=batch.modality.to(device),
-                               group=batch.group.to(device), caption_ids=batch.caption_ids.to(device),
-                               caption_cu_seqlens=batch.caption_cu_seqlens.to(device))
-
-
 def time_train_step(device: torch.device, small: bool, samples: int, repeats: int) -> dict:
     """Forward + caption CE + InfoNCE against a queue + backward + AdamW step; MFU where the peak is known."""
     cfg = ModelConfig() if small else billion_config()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     with torch.device(device):
-        model = MultimodalModel(cfg).to(dtype)
+        model = MultimodalModel(cfg, SizingConfig()).to(dtype)
     optimizer = make_adamw(model.parameters(), lr=1e-5)
-    batch = to_device(make_batch(navit_mix(samples, 0), cfg), device)
+    batch = make_batch(navit_mix(samples, 0), cfg, SizingConfig()).to(device)
     queue = F.normalize(torch.randn(8192, cfg.embed_dim, device=device, dtype=dtype), dim=-1)
     ids = MatchIds.none(samples, samples, queue.shape[0], device)
 

@@ -12,7 +12,9 @@ import time
 
 import torch
 
-from plait.data.batch import PackedBatch, PackedStream
+from plait.data.batch import MODALITIES, STREAM_OF_MODALITY, PackedBatch, PackedStream
+from plait.data.sizing import SizingConfig
+from plait.kernels.segments import lengths_to_cu
 from plait.trainer.model.config import ModelConfig
 from plait.trainer.model.multimodal import MultimodalModel
 
@@ -30,18 +32,18 @@ def _stream(specs: list[tuple[int, tuple[int, int, int]]], patch_dim: int, gen: 
         patches=torch.randn(int(lengths.sum()), patch_dim, generator=gen),
         coords=torch.cat([g.reshape(-1, 3) for g in grids]),
         seg=torch.repeat_interleave(owners, lengths),
-        cu_seqlens=torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).int(),
+        cu_seqlens=lengths_to_cu(lengths).int(),
         max_seqlen=int(lengths.max()),
     )
 
 
-def make_batch(specs: list[SampleSpec], cfg: ModelConfig, seed: int = 0) -> PackedBatch:
-    """A `PackedBatch` of random patches and captions with the given shapes (images/video on `vision`)."""
+def make_batch(specs: list[SampleSpec], cfg: ModelConfig, sizing: SizingConfig, seed: int = 0) -> PackedBatch:
+    """A `PackedBatch` of random patches (of `sizing`'s patch geometry) and captions with the given shapes."""
     gen = torch.Generator().manual_seed(seed)
     by_stream: dict[str, list[tuple[int, tuple[int, int, int]]]] = {"vision": [], "audio": []}
     for i, (modality, grid, _) in enumerate(specs):
-        by_stream["audio" if modality == 1 else "vision"].append((i, grid))
-    dims = {"vision": cfg.encoder.vision_patch_dim, "audio": cfg.encoder.audio_patch_dim}
+        by_stream[STREAM_OF_MODALITY[MODALITIES[modality]]].append((i, grid))
+    dims = {"vision": sizing.vision_channels, "audio": sizing.audio_channels}
     caption_lengths = torch.tensor([c for _, _, c in specs], dtype=torch.long)
     vocab = int(cfg.llm.model_kwargs.get("vocab_size", 2048))
     return PackedBatch(
@@ -50,7 +52,7 @@ def make_batch(specs: list[SampleSpec], cfg: ModelConfig, seed: int = 0) -> Pack
         sample_key=[f"sample-{seed}-{i}" for i in range(len(specs))],
         group=torch.arange(len(specs)),
         caption_ids=torch.randint(0, vocab, (int(caption_lengths.sum()),), generator=gen),
-        caption_cu_seqlens=torch.cat([torch.zeros(1, dtype=torch.long), caption_lengths.cumsum(0)]).int(),
+        caption_cu_seqlens=lengths_to_cu(caption_lengths).int(),
     )
 
 
@@ -90,12 +92,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     """Useful tokens/s packed vs padded; baseline measured in the same run."""
     torch.manual_seed(args.seed)
-    cfg = ModelConfig()
-    model = MultimodalModel(cfg)
+    cfg, sizing = ModelConfig(), SizingConfig()
+    model = MultimodalModel(cfg, sizing)
     specs = navit_mix(args.samples, args.seed)
-    packed = [make_batch(specs, cfg, args.seed)]
+    packed = [make_batch(specs, cfg, sizing, args.seed)]
     chunks = [specs[i : i + args.padded_batch] for i in range(0, len(specs), args.padded_batch)]
-    padded = [make_batch(_padded(chunk), cfg, args.seed) for chunk in chunks]
+    padded = [make_batch(_padded(chunk), cfg, sizing, args.seed) for chunk in chunks]
     useful = sum(h * w * t + c for _, (t, h, w), c in specs)
     padded_tokens = sum(b.streams["vision"].num_tokens + b.caption_ids.numel() for b in padded)
     _step_seconds(model, packed + padded)

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from plait.data.batch import TOKEN_MODALITIES
+from plait.kernels.segments import cu_to_lengths
 from plait.trainer.model.config import MoMEConfig
 from plait.trainer.model.encoder import FeedForward
 from plait.trainer.model.mome import MoMELayer
@@ -76,8 +78,8 @@ def run(args: argparse.Namespace) -> dict:
     x = torch.randn(args.tokens, args.dim, generator=gen, requires_grad=True)
     cuts = torch.randperm(args.tokens - 1, generator=gen)[: args.samples - 1].add(1).sort().values.tolist()
     cu_seqlens = [0, *cuts, args.tokens]
-    sample_modality = torch.randint(0, 4, (args.samples,), generator=gen)
-    lengths = torch.tensor(cu_seqlens[1:]) - torch.tensor(cu_seqlens[:-1])
+    sample_modality = torch.randint(0, len(TOKEN_MODALITIES), (args.samples,), generator=gen)
+    lengths = cu_to_lengths(torch.tensor(cu_seqlens))
     modality = torch.repeat_interleave(sample_modality, lengths)
     mome_s = _seconds(lambda: layer(x, modality), args.repeats)
     dense_s = _seconds(lambda: dense(x), args.repeats)

@@ -20,9 +20,10 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
+from plait.data.batch import TOKEN_MODALITIES
 from plait.trainer.losses.config import BalanceConfig
 from plait.trainer.losses.distributed import all_reduce_sum, world_size
-from plait.trainer.model.routing import TOKEN_MODALITIES, RouterOutput
+from plait.trainer.model.routing import RouterOutput
 
 NUM_MODALITIES = len(TOKEN_MODALITIES)
 

@@ -1,4 +1,4 @@
-"""Configuration of the training objectives (the `losses:` section of a run config)."""
+"""Configuration of the training objectives (the `loss:` section of a run config)."""
 
 from __future__ import annotations
 
@@ -45,15 +45,9 @@ class QueueConfig:
     """Entries per modality pair (0 disables the queues)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Storage dtype of queued embeddings."""
-    momentum_encoder: bool = False
-    """Fill the queues from a momentum (EMA) copy of the encoders, MoCo/ALBEF style."""
-    momentum: float = 0.995
-    """EMA decay of the momentum encoder."""
 
     def __post_init__(self) -> None:
         check_at_least(self, 0, "size")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum: must be in [0, 1), got {self.momentum}")
 
 
 @dataclass

@@ -9,7 +9,6 @@ even when it holds no sample of some modality, or none at all.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
 from plait.data.batch import MODALITIES
+from plait.data.rng import joined_seed
 from plait.kernels.infonce import MatchIds, infonce_chunked
 from plait.trainer.losses.config import ContrastiveConfig, HardNegativeConfig
 from plait.trainer.losses.distributed import all_gather_sizes, gather_no_grad, gather_with_grad
@@ -116,8 +116,7 @@ class _Pair:
 
 def _generator(device: torch.device, *parts: int) -> torch.Generator:
     """A generator seeded from (seed, step, rank, pair, direction)."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
+    return torch.Generator(device=device).manual_seed(joined_seed(*parts))
 
 
 class ContrastiveLoss(nn.Module):

@@ -15,13 +15,13 @@ import torch
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
+from plait.data.rng import key_ids
 from plait.trainer.losses.balance import balance_losses
 from plait.trainer.losses.caption import caption_loss
 from plait.trainer.losses.config import LossConfig, check_weights
 from plait.trainer.losses.contrastive import PAIRS, ContrastiveLoss, GatheredBatch, gather_batch
-from plait.trainer.losses.distributed import gather_no_grad
 from plait.trainer.losses.distributed import rank as dist_rank
-from plait.trainer.losses.queue import QueueBank, hash_strings
+from plait.trainer.losses.queue import QueueBank
 from plait.trainer.model.routing import RouterOutput
 
 QUEUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,10 +49,6 @@ class ObjectiveInputs:
     """[M] int64 caption tokens to predict (ignore_index where not a caption token)."""
     router_outputs: list[RouterOutput] = field(default_factory=list)
     """Routing of every MoME layer (same number of layers on every rank)."""
-    queue_media_embeds: Tensor | None = None
-    """[N, D] momentum-encoder media embeddings to enqueue (required with queue.momentum_encoder)."""
-    queue_text_embeds: Tensor | None = None
-    """[N, D] momentum-encoder text embeddings to enqueue."""
 
 
 @dataclass
@@ -94,7 +90,7 @@ class Objective(nn.Module):
         """[N, 3] (key hash, group, caption id) on the embeddings' device."""
         n = inputs.media_embeds.shape[0]
         caption = inputs.caption_id if inputs.caption_id is not None else torch.full((n,), -1)
-        keys = hash_strings(inputs.sample_key).view(n)
+        keys = key_ids(inputs.sample_key).view(n)
         cols = [keys, inputs.group.view(n).cpu(), caption.view(n).cpu()]
         return torch.stack(cols, dim=1).to(inputs.media_embeds.device)
 
@@ -107,20 +103,11 @@ class Objective(nn.Module):
         return caption_loss(logits, targets, self.config.caption, self.group)[0]
 
     @torch.no_grad()
-    def _enqueue(self, inputs: ObjectiveInputs, batch: GatheredBatch, step: int) -> None:
-        """Push the global batch (or its momentum features) into each pair's queue."""
-        media, text = batch.media, batch.text
-        if self.config.queue.momentum_encoder:
-            if inputs.queue_media_embeds is None or inputs.queue_text_embeds is None:
-                raise ValueError("queue.momentum_encoder: queue_media_embeds/queue_text_embeds are required")
-            local = torch.cat([inputs.queue_media_embeds, inputs.queue_text_embeds], dim=1).float()
-            both = gather_no_grad(local, batch.sizes, self.group)
-            dim = media.shape[1]
-            media = torch.nn.functional.normalize(both[:, :dim], dim=-1)
-            text = torch.nn.functional.normalize(both[:, dim:], dim=-1)
+    def _enqueue(self, batch: GatheredBatch, step: int) -> None:
+        """Push the global batch into each pair's queue."""
         for code, name in enumerate(PAIRS):
             rows = batch.modality == code
-            self.queues[name].enqueue(media[rows].detach(), text[rows].detach(), batch.ids[rows], step)
+            self.queues[name].enqueue(batch.media[rows].detach(), batch.text[rows].detach(), batch.ids[rows], step)
 
     def forward(
         self,
@@ -155,7 +142,7 @@ class Objective(nn.Module):
         components.update({f"weight/{name}": torch.tensor(w) for name, w in merged.items()})
         if self.queues is not None and self.training:
             # After the loss: this step's positives must not sit in the queue as negatives.
-            self._enqueue(inputs, batch, step)
+            self._enqueue(batch, step)
             components.update(self.queues.report(step))
         components["loss/total"] = total.detach()
         return ObjectiveOutput(loss=total, components=components)

@@ -4,13 +4,12 @@ Each rank enqueues the *gathered* global batch, so every rank holds the same que
 extra collective. Entries keep the sample key hash, group and caption id (for masking
 duplicates and positives) and the step they were enqueued (for age reporting). Writes are
 out of place: the chunked InfoNCE saves the queue for its backward, which must see the queue
-as it was in the forward.
+as it was in the forward, and a snapshot (to roll back a skipped step) is just references.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -19,10 +18,16 @@ ID_FIELDS = ("key", "group", "caption")
 """Columns of the int64 id rows kept with every entry (-1 = none)."""
 
 
-def hash_strings(values: list[str]) -> Tensor:
-    """Stable non-negative int64 hashes (63-bit BLAKE2b) of strings, e.g. sample keys or captions."""
-    digests = [int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "little") >> 1 for v in values]
-    return torch.tensor(digests, dtype=torch.long)
+@dataclass(frozen=True)
+class QueueSnapshot:
+    """One queue's buffers, pointer and fill count at a moment (buffers by reference: writes replace them)."""
+
+    media: Tensor
+    text: Tensor
+    ids: Tensor
+    step: Tensor
+    ptr: int
+    count: int
 
 
 class NegativeQueue(nn.Module):
@@ -49,6 +54,15 @@ class NegativeQueue(nn.Module):
     def set_extra_state(self, state: dict[str, int]) -> None:
         """Restore pointer and fill count."""
         self.ptr, self.count = int(state["ptr"]), int(state["count"])
+
+    def snapshot(self) -> QueueSnapshot:
+        """The queue as it is now, for `restore` (no copy: enqueue replaces the buffers, never writes in place)."""
+        return QueueSnapshot(self.media, self.text, self.ids, self.step, self.ptr, self.count)
+
+    def restore(self, snapshot: QueueSnapshot) -> None:
+        """Put the queue back as it was at `snapshot`, dropping everything enqueued since."""
+        self.media, self.text, self.ids, self.step = snapshot.media, snapshot.text, snapshot.ids, snapshot.step
+        self.ptr, self.count = snapshot.ptr, snapshot.count
 
     def contents(self) -> tuple[Tensor, Tensor, Tensor]:
         """(media [F, D], text [F, D], ids [F, 3]) of the valid entries (they fill rows 0..F-1)."""
@@ -90,29 +104,15 @@ class QueueBank(nn.Module):
     def __getitem__(self, pair: str) -> NegativeQueue:
         return self.queues[pair]
 
+    def snapshot(self) -> dict[str, QueueSnapshot]:
+        """Every queue as it is now: take one before a step so a skipped step can be undone with `restore`."""
+        return {pair: queue.snapshot() for pair, queue in self.queues.items()}
+
+    def restore(self, snapshot: dict[str, QueueSnapshot]) -> None:
+        """Undo every enqueue since `snapshot` (a skipped step's non-finite embeddings must not become negatives)."""
+        for pair, state in snapshot.items():
+            self.queues[pair].restore(state)
+
     def report(self, step: int) -> dict[str, Tensor]:
         """Flat `queue/<pair>/<stat>` metrics."""
         return {f"queue/{pair}/{k}": v for pair, q in self.queues.items() for k, v in q.report(step).items()}
-
-
-class MomentumEncoder(nn.Module):
-    """An EMA copy of an encoder whose outputs fill the queues (MoCo/ALBEF); never trained directly.
-
-    Works with ZeRO stages 0-2 (the copy needs whole parameters).
-    """
-
-    def __init__(self, source: nn.Module, momentum: float) -> None:
-        super().__init__()
-        self.momentum = momentum
-        self.encoder = copy.deepcopy(source).requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, source: nn.Module) -> None:
-        """ema <- m * ema + (1 - m) * source, parameter by parameter (call after each optimizer step)."""
-        ema = list(self.encoder.parameters())
-        torch._foreach_lerp_(ema, [p.detach() for p in source.parameters()], 1.0 - self.momentum)
-
-    @torch.no_grad()
-    def forward(self, *args, **kwargs):
-        """Run the EMA encoder without gradient."""
-        return self.encoder(*args, **kwargs)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from plait.data.batch import PackedBatch
+from plait.kernels.segments import cu_to_lengths
 from plait.trainer.model.mome import MoMELayer
 from plait.trainer.model.multimodal import MultimodalModel
 
@@ -58,12 +59,6 @@ def active_matmul_params(module: nn.Module) -> int:
     return sum(active_matmul_params(child) for child in module.children())
 
 
-def _lengths(cu: torch.Tensor) -> torch.Tensor:
-    """Segment lengths (int64) from offsets."""
-    cu = cu.long()
-    return cu[1:] - cu[:-1]
-
-
 @dataclass
 class FlopsEstimate:
     """Forward FLOPs of one micro-batch by component; `train` is what the trainer divides by time for MFU."""
@@ -94,7 +89,7 @@ def estimate_flops(model: MultimodalModel, batch: PackedBatch, captioning: bool 
     enc, res, llm = model.encoder, model.resampler, model.llm
     streams = [batch.streams[name] for name in ("vision", "audio") if name in batch.streams]
     tokens = sum(s.num_tokens for s in streams)
-    pairs = sum(int((_lengths(s.cu_seqlens) ** 2).sum()) for s in streams)
+    pairs = sum(int((cu_to_lengths(s.cu_seqlens) ** 2).sum()) for s in streams)
     enc_attn = 4 * enc.cfg.dim * pairs * enc.cfg.depth
     enc_flops = 2 * sum(s.num_tokens * s.patches.shape[1] * enc.cfg.dim for s in streams)
     enc_flops += 2 * tokens * active_matmul_params(enc.blocks) + enc_attn
@@ -110,7 +105,7 @@ def estimate_flops(model: MultimodalModel, batch: PackedBatch, captioning: bool 
     res_flops += 2 * res.cfg.depth * (latents * per_latent + (tokens + latents) * numel(layer.to_kv.weight))
     res_flops += 2 * latents * numel(res.out_proj.weight) + 2 * n * numel(res.media_head.weight)
 
-    captions = _lengths(batch.caption_cu_seqlens)
+    captions = cu_to_lengths(batch.caption_cu_seqlens)
     sequences = torch.cat([captions + k, captions]) if captioning else captions
     rows = int(sequences.sum())
     text_cfg = llm.model.config.get_text_config()

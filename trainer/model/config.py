@@ -52,7 +52,7 @@ class MoMEConfig:
 
 @dataclass
 class EncoderConfig:
-    """Packed NaViT-style transformer over the vision (images, video) and audio patch streams."""
+    """Packed NaViT-style transformer over the vision (images, video) and audio patch streams (patch sizes: data.sizing)."""
 
     dim: int = 128
     """Width of the encoder."""
@@ -62,12 +62,6 @@ class EncoderConfig:
     """Attention heads (must divide `dim`)."""
     ffn_hidden: int = 352
     """Hidden width of the gated (SwiGLU) FFN."""
-    vision_patch_size: int = 16
-    """Spatial patch side p: vision patches have 3*tp*p*p values (images are repeated over the tp frames)."""
-    temporal_patch_size: int = 2
-    """Frames per video tubelet (tp)."""
-    audio_patch_size: int = 16
-    """Log-mel patch side: audio patches have p*p values."""
     vision_input_norm: Literal["none", "sample"] = "none"
     """`sample`: standardise each image/video by the mean and std of all its patch values before the projection
     (per-image standardisation: contrast and brightness no longer vary by colour pair); `none`: raw values."""
@@ -83,8 +77,7 @@ class EncoderConfig:
     """LayerNorm epsilon."""
 
     def __post_init__(self) -> None:
-        check_positive(self, "dim", "depth", "num_heads", "ffn_hidden", "vision_patch_size",
-                        "temporal_patch_size", "audio_patch_size", "norm_eps")
+        check_positive(self, "dim", "depth", "num_heads", "ffn_hidden", "norm_eps")
         if self.dim % self.num_heads:
             raise ValueError(f"num_heads: {self.num_heads} does not divide dim {self.dim}")
         for name in ("vision_max_grid", "audio_max_grid"):
@@ -92,16 +85,6 @@ class EncoderConfig:
             if len(grid) != 3 or min(grid) <= 0:
                 raise ValueError(f"{name}: needs three positive sizes (t, h, w), got {grid}")
         _check_layers(self.mome_layers, self.depth)
-
-    @property
-    def vision_patch_dim(self) -> int:
-        """Values per vision patch: 3 * tp * p * p."""
-        return 3 * self.temporal_patch_size * self.vision_patch_size**2
-
-    @property
-    def audio_patch_dim(self) -> int:
-        """Values per audio patch: p * p log-mel bins x frames."""
-        return self.audio_patch_size**2
 
 
 @dataclass

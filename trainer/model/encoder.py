@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from plait.data.batch import PackedBatch, PackedStream
+from plait.data.batch import TOKEN_MODALITIES, PackedBatch, PackedStream, token_code
+from plait.data.sizing import SizingConfig
 from plait.kernels.attention import Backend, varlen_attention
 from plait.trainer.model.config import EncoderConfig, MoMEConfig
 from plait.trainer.model.mome import MoMELayer, RoutingContext
-from plait.trainer.model.routing import TOKEN_MODALITIES
 
 STREAMS = ("vision", "audio")
 """Encoder streams, in the order their tokens are concatenated."""
@@ -123,7 +123,7 @@ class EncoderOutput:
     seg: torch.Tensor
     """[T] int64 owning sample of each token."""
     modality: torch.Tensor
-    """[T] int64 token modality code (routing.TOKEN_MODALITIES: 1 image, 2 audio, 3 video)."""
+    """[T] int64 token modality code (`data.batch.TOKEN_MODALITIES`): `token_code` of its sample's media code."""
 
 
 def _real_part(stream: PackedStream | None, patch_dim: int, like: torch.Tensor) -> PackedStream:
@@ -139,15 +139,17 @@ def _real_part(stream: PackedStream | None, patch_dim: int, like: torch.Tensor) 
 
 
 class Encoder(nn.Module):
-    """Vision + audio patch streams -> one packed transformer pass -> `EncoderOutput`."""
+    """Vision + audio patch streams -> one packed transformer pass -> `EncoderOutput`.
 
-    def __init__(
-        self, cfg: EncoderConfig, mome: MoMEConfig, context: RoutingContext | None = None, backend: Backend = "auto"
-    ) -> None:
+    Patch sizes come from the data's sizing config, the one place the patch geometry lives.
+    """
+
+    def __init__(self, cfg: EncoderConfig, mome: MoMEConfig, sizing: SizingConfig,
+                 context: RoutingContext | None = None, backend: Backend = "auto") -> None:
         super().__init__()
         self.cfg = cfg
-        self.vision = StreamEmbedding(cfg.vision_patch_dim, cfg.dim, cfg.vision_max_grid)
-        self.audio = StreamEmbedding(cfg.audio_patch_dim, cfg.dim, cfg.audio_max_grid)
+        self.vision = StreamEmbedding(sizing.vision_channels, cfg.dim, cfg.vision_max_grid)
+        self.audio = StreamEmbedding(sizing.audio_channels, cfg.dim, cfg.audio_max_grid)
         self.modality_embed = nn.Embedding(len(TOKEN_MODALITIES), cfg.dim)
         nn.init.normal_(self.modality_embed.weight, std=0.02)
         self.blocks = nn.ModuleList()
@@ -170,7 +172,7 @@ class Encoder(nn.Module):
                                     vision.coords, vision.seg, vision.cu_seqlens, vision.max_seqlen)
         embedded = [emb(p.patches.to(like.dtype), p.coords) for emb, p in zip((self.vision, self.audio), parts)]
         seg = torch.cat([p.seg for p in parts])
-        modality = (batch.modality.to(seg.device)[seg] + 1) if seg.numel() else seg
+        modality = token_code(batch.modality.to(seg.device)[seg]) if seg.numel() else seg
         x = torch.cat(embedded) + self.modality_embed(modality)
         vision_cu, audio_cu = (p.cu_seqlens.to(seg.device).long() for p in parts)
         cu_seqlens = torch.cat([vision_cu, audio_cu[1:] + vision_cu[-1]])

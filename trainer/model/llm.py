@@ -17,22 +17,17 @@ from torch import nn
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
+from plait.data.batch import TEXT_TOKEN
 from plait.kernels.attention import Backend, varlen_attention
+from plait.kernels.segments import cu_from_starts, segment_positions
 from plait.trainer.model.config import LLMConfig, MoMEConfig
 from plait.trainer.model.mome import MoMELayer, RoutingContext
-from plait.trainer.model.resampler import segment_ids
 
 logger = logging.getLogger(__name__)
 
 PLAIT_VARLEN = "plait_varlen"
 """Name of plait's varlen attention in transformers' attention registry."""
 _VARLEN_KWARGS = ("plait_varlen", "flash_attention_2")
-
-
-def _cu_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
-    """Sequence offsets of a packed row whose positions restart at 0 for each sequence."""
-    starts = (position_ids[0] == 0).nonzero().squeeze(1)
-    return torch.cat([starts, starts.new_tensor([position_ids.shape[1]])])
 
 
 def plait_varlen_attention(
@@ -48,7 +43,7 @@ def plait_varlen_attention(
     """transformers attention function: causal varlen attention over one packed row `[1, H, T, D]`."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:
-        cu = _cu_from_positions(kwargs["position_ids"])
+        cu = cu_from_starts(kwargs["position_ids"][0] == 0)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     out = varlen_attention(q, k, v, cu, max_seqlen_q=kwargs.get("max_length_q"),
                            max_seqlen_k=kwargs.get("max_length_k"), causal=True, scale=scaling,
@@ -65,13 +60,16 @@ AttentionInterface.register(PLAIT_VARLEN, plait_varlen_attention)
 AttentionMaskInterface.register(PLAIT_VARLEN, _no_mask)
 
 
-def build_causal_lm(cfg: LLMConfig, backend: Backend = "auto") -> PreTrainedModel:
+def build_causal_lm(cfg: LLMConfig, backend: Backend = "auto", load_weights: bool = True) -> PreTrainedModel:
     """A hub checkpoint (`name_or_path`) or a model built from `model_type` + `model_kwargs`; cache off.
 
     `backend` is the varlen path `plait_varlen` attention takes (stored on the config, read per call).
+    `load_weights=False` builds `name_or_path`'s architecture only (its weights come from elsewhere).
     """
-    if cfg.name_or_path:
+    if cfg.name_or_path and load_weights:
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path)
+    elif cfg.name_or_path:
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.name_or_path))
     else:
         config = AutoConfig.for_model(cfg.model_type, **cfg.model_kwargs)
         model = AutoModelForCausalLM.from_config(config)
@@ -93,11 +91,12 @@ class PackedCausalLM(nn.Module):
         embed_dim: int,
         context: RoutingContext | None = None,
         backend: Backend = "auto",
+        load_weights: bool = True,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.context = context
-        self.model = build_causal_lm(cfg, backend)
+        self.model = build_causal_lm(cfg, backend, load_weights)
         layers = self.model.get_decoder().layers
         for i in cfg.mome_layers:
             if i >= len(layers):
@@ -121,19 +120,17 @@ class PackedCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final (normed) hidden states `[T, d]` of packed sequences; none attends outside its own sequence.
 
-        `modality [T]` (token codes, 0 text) routes the MoME layers.
+        `modality [T]` (token modality codes, `data.batch.TOKEN_MODALITIES`) routes the MoME layers.
         """
         if inputs_embeds.shape[0] == 0:
             # transformers cannot run a zero-length row: run one dummy text token (a zero row still tied to the
             # graph) so ZeRO-3 ranks stay in step, and return an empty slice so every parameter gets a zero grad.
             dummy = inputs_embeds.sum(0, keepdim=True)
             positions = torch.zeros(1, dtype=torch.long, device=dummy.device)
-            self._set_modality(positions)
+            self._set_modality(torch.full_like(positions, TEXT_TOKEN))
             return self._hidden(dummy, positions, positions.new_tensor([0, 1]), 1)[:0]
         self._set_modality(modality)
-        seg = segment_ids(cu_seqlens)
-        positions = torch.arange(inputs_embeds.shape[0], device=seg.device) - cu_seqlens.long()[seg]
-        return self._hidden(inputs_embeds, positions, cu_seqlens, max_seqlen)
+        return self._hidden(inputs_embeds, segment_positions(cu_seqlens), cu_seqlens, max_seqlen)
 
     def _set_modality(self, modality: torch.Tensor) -> None:
         """Hand token modalities to the MoME layers (HF calls `mlp(hidden)` with nothing else)."""

@@ -20,9 +20,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from plait.data.batch import TOKEN_MODALITIES
 from plait.kernels.moe import combine, dispatch, expert_capacity, ffn_rows, grouped_ffn, permute
 from plait.trainer.model.config import MoMEConfig
-from plait.trainer.model.routing import TOKEN_MODALITIES, RouterOutput
+from plait.trainer.model.routing import RouterOutput
 
 
 class RoutingContext:

@@ -16,16 +16,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from plait.data.batch import PackedBatch
+from plait.data.batch import TEXT_TOKEN, PackedBatch, token_code
+from plait.data.sizing import SizingConfig
+from plait.kernels.segments import concat_segments_index, cu_to_lengths
 from plait.trainer.model.config import ModelConfig
 from plait.trainer.model.encoder import Encoder
 from plait.trainer.model.llm import PackedCausalLM
 from plait.trainer.model.mome import RoutingContext
-from plait.trainer.model.resampler import Resampler, concat_segments_index
+from plait.trainer.model.resampler import Resampler
 from plait.trainer.model.routing import RouterOutput
-
-TEXT = 0
-"""Token modality code of text (routing.TOKEN_MODALITIES)."""
 
 
 @dataclass
@@ -91,15 +90,19 @@ def pack_llm_inputs(num_samples: int, num_latents: int, caption_cu: torch.Tensor
 
 
 class MultimodalModel(nn.Module):
-    """encoder (media tokens) -> resampler (K latents/sample) -> llm (captioning + text embedding)."""
+    """encoder (media tokens) -> resampler (K latents/sample) -> llm (captioning + text embedding).
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    `sizing` gives the patch geometry the encoder's patch embeddings take (the data plane cuts the patches);
+    `load_llm_weights=False` skips a pretrained LLM's weights (a saved plait model brings its own).
+    """
+
+    def __init__(self, cfg: ModelConfig, sizing: SizingConfig, load_llm_weights: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
         self.routing = RoutingContext()
         backend = cfg.attention_backend
-        self.encoder = Encoder(cfg.encoder, cfg.mome, self.routing, backend)
-        self.llm = PackedCausalLM(cfg.llm, cfg.mome, cfg.embed_dim, self.routing, backend)
+        self.encoder = Encoder(cfg.encoder, cfg.mome, sizing, self.routing, backend)
+        self.llm = PackedCausalLM(cfg.llm, cfg.mome, cfg.embed_dim, self.routing, backend, load_llm_weights)
         self.resampler = Resampler(cfg.resampler, cfg.encoder.dim, self.llm.hidden_size, cfg.embed_dim, backend)
 
     def forward(self, batch: PackedBatch, captioning: bool = True) -> ModelOutput:
@@ -113,21 +116,20 @@ class MultimodalModel(nn.Module):
             resampled = self.resampler(encoded.tokens, encoded.seg, n)
             caption_ids = batch.caption_ids.to(encoded.seg.device)
             captions = self.llm.embed(caption_ids)
-            text_codes = torch.full_like(caption_ids, TEXT)
+            text_codes = torch.full_like(caption_ids, TEXT_TOKEN)
             caption_cu = batch.caption_cu_seqlens.to(caption_ids.device)
             if captioning:
                 k = self.cfg.resampler.num_latents
                 packing = pack_llm_inputs(n, k, caption_cu)
                 latents = resampled.latents.reshape(n * k, captions.shape[1]).to(captions.dtype)
                 row = torch.cat([latents, captions, captions])[packing.index]
-                media_codes = (batch.modality.to(caption_ids.device) + 1).repeat_interleave(k)
+                media_codes = token_code(batch.modality.to(caption_ids.device)).repeat_interleave(k)
                 modality = torch.cat([media_codes, text_codes, text_codes])[packing.index]
                 targets = caption_ids
             else:
                 packing = pack_text_only(caption_cu)
                 row, modality, targets = captions, text_codes, caption_ids[:0]
-            max_seqlen = int((packing.cu_seqlens[1:] - packing.cu_seqlens[:-1]).max()) if n else 0
-            hidden = self.llm(row, packing.cu_seqlens, max_seqlen, modality)
+            hidden = self.llm(row, packing.cu_seqlens, _max_seqlen(packing.cu_seqlens), modality)
             caption_rows = hidden[packing.caption_positions - 1]
             if not captioning:
                 # No rows, but the latents stay in the graph: every parameter gets a (zero) gradient every
@@ -143,3 +145,23 @@ class MultimodalModel(nn.Module):
         return ModelOutput(resampled.media_embeds, text_embeds, caption_logits, targets,
                            list(router_outputs), counters)
 
+
+    def embed_media(self, batch: PackedBatch) -> torch.Tensor:
+        """[N, embed_dim] media embeddings (not normalised): the encoder and resampler alone.
+
+        For inference outside DeepSpeed; under ZeRO-3 every rank must run `forward`, which uses every module.
+        """
+        encoded = self.encoder(batch)
+        return self.resampler(encoded.tokens, encoded.seg, batch.num_samples).media_embeds
+
+    def embed_text(self, caption_ids: torch.Tensor, caption_cu: torch.Tensor) -> torch.Tensor:
+        """[N, embed_dim] text embeddings (not normalised): the LLM over the text-only sequences, as in `forward`."""
+        packing = pack_text_only(caption_cu.to(caption_ids.device))
+        hidden = self.llm(self.llm.embed(caption_ids), packing.cu_seqlens, _max_seqlen(packing.cu_seqlens),
+                          torch.full_like(caption_ids, TEXT_TOKEN))
+        return self.llm.text_projection(hidden[packing.text_last])
+
+
+def _max_seqlen(cu_seqlens: torch.Tensor) -> int:
+    """Longest sequence of a packing (0 when it holds none)."""
+    return int(cu_to_lengths(cu_seqlens).max()) if cu_seqlens.numel() > 1 else 0

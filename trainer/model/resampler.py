@@ -14,34 +14,9 @@ import torch
 from torch import nn
 
 from plait.kernels.attention import Backend, varlen_attention
+from plait.kernels.segments import concat_segments_index, lengths_to_cu
 from plait.trainer.model.config import ResamplerConfig
 from plait.trainer.model.encoder import FeedForward
-
-
-def lengths_to_cu(lengths: torch.Tensor) -> torch.Tensor:
-    """int64 offsets `[S+1]` from segment lengths `[S]`."""
-    return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)]).long()
-
-
-def segment_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """[T] segment index of every row of a packing described by `cu_seqlens`."""
-    cu = cu_seqlens.long()
-    return torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu[1:] - cu[:-1])
-
-
-def concat_segments_index(cu_a: torch.Tensor, cu_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack `[a_i ; b_i]` per segment: returns `index` with `c = cat([a, b])[index]`, and `cu_c`."""
-    cu_a, cu_b = cu_a.long(), cu_b.long()
-    cu_c = cu_a + cu_b
-    seg_a, seg_b = segment_ids(cu_a), segment_ids(cu_b)
-    rows_a = torch.arange(seg_a.numel(), device=cu_a.device)
-    rows_b = torch.arange(seg_b.numel(), device=cu_a.device)
-    dst_a = cu_c[seg_a] + rows_a - cu_a[seg_a]
-    dst_b = cu_c[seg_b] + (cu_a[seg_b + 1] - cu_a[seg_b]) + rows_b - cu_b[seg_b]
-    dst = torch.cat([dst_a, dst_b])
-    index = torch.empty_like(dst)
-    index[dst] = torch.arange(dst.numel(), device=dst.device)
-    return index, cu_c
 
 
 class ResamplerLayer(nn.Module):

@@ -6,9 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-TOKEN_MODALITIES = ("text", "image", "audio", "video")
-"""Token modality codes used by routers (index = code)."""
-
 
 @dataclass
 class RouterOutput:
@@ -19,6 +16,6 @@ class RouterOutput:
     topk_experts: torch.Tensor
     """[T, k] int64 experts each token was routed to (before capacity drops)."""
     modality: torch.Tensor
-    """[T] int64 token modality code (index into TOKEN_MODALITIES)."""
+    """[T] int64 token modality code (index into `plait.data.batch.TOKEN_MODALITIES`)."""
     dropped: int = 0
     """Token-expert assignments dropped by the capacity limit."""
