@@ -3,6 +3,7 @@ that reads it (the DeepSpeed config, the optimizer, the losses, the model, the l
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -27,8 +28,6 @@ def _module(overrides: list[str]) -> TrainModule:
 
 def _tiny_flat() -> dict[str, str]:
     """The tiny model's sections as `--set` overrides (JSON values)."""
-    import json
-
     config = tiny_config()
     return {"model": json.dumps(config["model"]), "data.sizing": json.dumps(config["data"]["sizing"])}
 

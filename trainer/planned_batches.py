@@ -24,7 +24,7 @@ from plait.data.source import build_plan, dataset_captions, open_dataset
 from plait.data.tokenizer import load_tokenizer, train_tokenizer
 from plait.trainer.config import RunConfig
 from plait.trainer.curriculum import Curriculum
-from plait.trainer.model.pretrained import tokenizer_source
+from plait.trainer.model.pretrained import TOKENIZER_DIR, tokenizer_source
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def resolve_tokenizer(cfg: RunConfig, index: DatasetIndex) -> PreTrainedTokenize
     """The run's tokenizer (`tokenizer_source`); a BPE trained on the captions into the run dir when it has none."""
     source = Path(tokenizer_source(cfg))
     rank = dist.get_rank() if dist.is_initialized() else 0
-    trained = not (cfg.model.llm.tokenizer or cfg.model.llm.name_or_path)
+    trained = source == Path(cfg.run_dir) / TOKENIZER_DIR
     if trained and rank == 0 and not (source / "tokenizer.json").exists():
         vocab = int(cfg.model.llm.model_kwargs.get("vocab_size", 0))
         train_tokenizer(dataset_captions(index, TOKENIZER_CAPTIONS), vocab, source)
