@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
+
+from plait.data.rng import caption_keys
+from plait.kernels.segments import cu_to_lengths, index_counts
 
 MODALITIES = ("image", "audio", "video")
 """Media modalities, in the order of their integer codes in `PackedBatch.modality` (media codes)."""
@@ -77,12 +81,46 @@ class PackedBatch:
         """Samples in this micro-batch (zero is allowed)."""
         return len(self.sample_key)
 
-    def to(self, device: torch.device | str) -> PackedBatch:
-        """The batch with every tensor on `device` (asynchronous from pinned memory); counters stay on the host."""
-        def move(x: torch.Tensor) -> torch.Tensor:
-            return x.to(device, non_blocking=True)
+    @cached_property
+    def caption_key(self) -> torch.Tensor:
+        """[N] int64 key of each caption's token sequence (`data.rng.caption_keys`): equal captions, equal keys.
 
+        Computed on the host where the batch is built; `to(device)` carries it over, so the step never reads
+        captions back from the device.
+        """
+        return caption_keys(self.caption_ids, self.caption_cu_seqlens)
+
+    @cached_property
+    def host_modality(self) -> torch.Tensor:
+        """`modality` in host memory (the losses read the batch's composition from it, never from the device)."""
+        return self.modality
+
+    @cached_property
+    def caption_max_seqlen(self) -> int:
+        """Length of the longest caption (host-side, like `PackedStream.max_seqlen`)."""
+        return int(cu_to_lengths(self.caption_cu_seqlens).max()) if self.num_samples else 0
+
+    @cached_property
+    def max_media_tokens(self) -> int:
+        """Most media tokens of one sample (host-side; the resampler's longest key sequence less its latents)."""
+        counts = [int(index_counts(s.seg[: s.num_tokens], self.num_samples).max()) for s in self.streams.values()
+                  if s.num_tokens]
+        return max(counts, default=0)
+
+    def _map(self, move) -> PackedBatch:
+        """The batch with `move` applied to every tensor; host metadata (counters, lengths, keys) carried over."""
         streams = {name: replace(s, patches=move(s.patches), coords=move(s.coords), seg=move(s.seg),
                                  cu_seqlens=move(s.cu_seqlens)) for name, s in self.streams.items()}
-        return replace(self, streams=streams, modality=move(self.modality), group=move(self.group),
-                       caption_ids=move(self.caption_ids), caption_cu_seqlens=move(self.caption_cu_seqlens))
+        out = replace(self, streams=streams, modality=move(self.modality), group=move(self.group),
+                      caption_ids=move(self.caption_ids), caption_cu_seqlens=move(self.caption_cu_seqlens))
+        out.__dict__.update(caption_key=move(self.caption_key), host_modality=self.host_modality,
+                            caption_max_seqlen=self.caption_max_seqlen, max_media_tokens=self.max_media_tokens)
+        return out
+
+    def to(self, device: torch.device | str) -> PackedBatch:
+        """The batch with every tensor on `device` (asynchronous from pinned memory); counters stay on the host."""
+        return self._map(lambda x: x.to(device, non_blocking=True))
+
+    def pin_memory(self) -> PackedBatch:
+        """The batch in page-locked host memory (the DataLoader calls this with `pin_memory=True`)."""
+        return self._map(lambda x: x.pin_memory())

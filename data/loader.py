@@ -96,6 +96,10 @@ class LoadedStep:
     skips: list[Skip]
     """Samples left out, in plan order."""
 
+    def pin_memory(self) -> LoadedStep:
+        """The step with its batch in page-locked memory (DataLoader `pin_memory=True`, CUDA runs)."""
+        return LoadedStep(self.step, self.batch.pin_memory(), self.planned, self.skips)
+
 
 class TooManyFailures(RuntimeError):
     """Raised after `max_consecutive_failures` bad samples in a row; names the last one."""
@@ -229,8 +233,9 @@ class PlanLoader:
         self.next_step = start_step
         extra = {"prefetch_factor": dataset.cfg.prefetch_factor, "persistent_workers": persistent_workers} \
             if workers else {}
+        # Pinned batches let `PackedBatch.to(device)` copy asynchronously while the step runs.
         self.loader = DataLoader(dataset, batch_size=None, sampler=self.sampler, num_workers=workers,
-                                 collate_fn=_identity, **extra)
+                                 collate_fn=_identity, pin_memory=torch.cuda.is_available(), **extra)
 
     def __len__(self) -> int:
         return len(self.sampler)

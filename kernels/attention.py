@@ -79,8 +79,9 @@ def varlen_attention(
     sequence with no keys gets zeros. Returns `[Tq, H, D]`.
     """
     cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
-    if q.shape[0] == 0:
-        # Keep k and v in the graph so every projection gets a (zero) gradient: ZeRO-3 needs it.
+    if q.shape[0] == 0 or q.is_meta:
+        # No rows, or shapes only (the meta device): keep k and v in the graph so every projection gets a
+        # (zero) gradient, as ZeRO-3 needs.
         return q + (k.sum() + v.sum()) * 0
     if max_seqlen_q is None:
         max_seqlen_q = int(cu_to_lengths(cu_seqlens_q).max())

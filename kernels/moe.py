@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from plait.kernels.fused import log_choice_once, use_triton
+from plait.kernels.segments import index_counts
 
 KernelBackend = Literal["auto", "torch", "triton"]
 """`auto`: Triton on CUDA when triton is importable, torch otherwise; `triton` forces it (tests: TRITON_INTERPRET=1)."""
@@ -52,7 +53,7 @@ def dispatch(
     # Slot-major flattening + a stable sort by expert gives, inside each expert, slot 0 tokens first.
     experts = topk_experts.t().reshape(-1)
     order = torch.argsort(experts, stable=True)
-    counts = torch.bincount(experts, minlength=num_experts)
+    counts = index_counts(experts, num_experts)
     gate = topk_weights.t().reshape(-1)[order]
     token_index = order % max(num_tokens, 1)
     if capacity is None:
@@ -104,13 +105,58 @@ def grouped_ffn(
     """Expert e's FFN on its block of `x` (`counts[e]` rows), for all e; weights are stacked per expert.
 
     `w_in [E, F or 2F, D]` (gated: gate rows then up rows), `w_out [E, D, F]`. Every expert runs, even on
-    zero rows, so all expert weights are in the graph on every rank (ZeRO-3 needs identical work).
+    zero rows, so all expert weights are in the graph on every rank (ZeRO-3 needs identical work). Where
+    torch's grouped GEMM takes the operands it runs two grouped matmuls with the block offsets on the
+    device (no host sync); otherwise a loop over the blocks, which reads `counts` on the host.
     """
+    if grouped_mm_supported(x, w_in, w_out):
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        h = _ContiguousGrad.apply(torch.nn.functional.grouped_mm(x, w_in.transpose(1, 2), offs=offsets))
+        h = _activate(h, activation, gated)
+        return _ContiguousGrad.apply(torch.nn.functional.grouped_mm(h, w_out.transpose(1, 2), offs=offsets))
     blocks = torch.split(x, counts.tolist())
     outs = [
         ffn_rows(block, w_in[e], w_out[e], activation, gated) for e, block in enumerate(blocks)
     ]
     return torch.cat(outs) if outs else x.new_zeros((0, w_out.shape[1]))
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: grouped GEMM's backward rejects broadcast
+    (stride-0) gradients such as those of a `.sum()`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def grouped_mm_supported(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> bool:
+    """Whether `torch.nn.functional.grouped_mm` runs these operands: fp32/bf16 on CPU, bf16 on CUDA (sm80+),
+    every row 16-byte aligned."""
+    if x.dtype not in (torch.float32, torch.bfloat16) or w_in.dtype != x.dtype or w_out.dtype != x.dtype:
+        return False
+    if x.is_cuda:
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
+            return False
+    elif x.device.type == "meta":
+        if x.dtype != torch.bfloat16:
+            return False
+    elif x.device.type != "cpu":
+        return False
+    sizes = (*w_in.shape[1:], *w_out.shape[1:])
+    return all(n * x.element_size() % 16 == 0 for n in sizes)
+
+
+def _activate(h: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor], gated: bool) -> torch.Tensor:
+    """The FFN's hidden activation: `act(gate) * up` when gated (gate columns first), else `act(h)`."""
+    if gated:
+        g, u = h.chunk(2, dim=-1)
+        return activation(g) * u
+    return activation(h)
 
 
 def ffn_rows(
@@ -121,13 +167,7 @@ def ffn_rows(
     gated: bool,
 ) -> torch.Tensor:
     """One FFN: `down(act(gate(x)) * up(x))` when gated (SwiGLU family), else `down(act(up(x)))`."""
-    h = x @ w_in.t()
-    if gated:
-        g, u = h.chunk(2, dim=-1)
-        h = activation(g) * u
-    else:
-        h = activation(h)
-    return h @ w_out.t()
+    return _activate(x @ w_in.t(), activation, gated) @ w_out.t()
 
 
 def reference_moe(

@@ -40,14 +40,24 @@ def test_cli_reports_gpu_parts_skipped_and_prints_table_last():
 
 
 def test_cpu_timings_run_every_section_end_to_end():
-    result = gpu.run(_args("--small", "--cpu-timings", "--repeats", "1"))
+    result = gpu.run(_args("--small", "--cpu-timings", "--repeats", "1", "--peak-tflops", "0.5"))
     for name in ("attention", "moe", "infonce", "train_step"):
         assert result[f"time/{name}"] == "passed", name
     assert result["attention_path"] == "bucketed"
     assert result["train_step_ms"] > 0 and result["train_model_tflops_per_s"] > 0
-    assert result["mfu"] is None  # no known peak for a CPU
+    # A CPU has no row in the peak table: the given peak makes its MFU.
+    assert result["mfu"] == pytest.approx(result["train_model_tflops_per_s"] / 0.5)
     assert result["train_params"] > 1_000_000
     assert "moe_triton_ms" not in result
+
+
+def test_checks_only_skips_every_timing():
+    result = gpu.run(_args("--small", "--cpu-timings", "--checks-only"))
+    for name in CPU_CHECKABLE:
+        assert result[f"check/{name}"] == "passed", name
+    for name in ("attention", "moe", "infonce", "train_step"):
+        assert result[f"time/{name}"] == "skipped: --checks-only", name
+    assert "train_step_ms" not in result
 
 
 def test_sections_fail_or_time_out_without_losing_the_run():

@@ -151,3 +151,24 @@ def test_missing_modality_is_an_error():
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         MoMEConfig(**{field: value})
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_grouped_gemm_path_equals_each_expert_on_its_block(gated):
+    from plait.kernels.moe import grouped_ffn, grouped_mm_supported
+
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.tensor([5, 0, 9, 2])
+    x = torch.randn(int(counts.sum()), 16, generator=gen, requires_grad=True)
+    w_in = torch.randn(4, 48 if gated else 24, 16, generator=gen, requires_grad=True)
+    w_out = torch.randn(4, 16, 24, generator=gen, requires_grad=True)
+    assert grouped_mm_supported(x, w_in, w_out) and not grouped_mm_supported(x.double(), w_in.double(), w_out.double())
+    out = grouped_ffn(x, counts, w_in, w_out, F.silu, gated)
+    starts = [0, *counts.cumsum(0).tolist()]
+    blocks = enumerate(zip(starts, starts[1:]))
+    want = torch.cat([ffn_rows(x[a:b], w_in[e], w_out[e], F.silu, gated) for e, (a, b) in blocks])
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    # A broadcast gradient (what `.sum()` sends back) reaches every operand.
+    got = torch.autograd.grad(out.sum(), (x, w_in, w_out))
+    for g, w in zip(got, torch.autograd.grad(want.sum(), (x, w_in, w_out))):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

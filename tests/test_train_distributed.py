@@ -1,6 +1,6 @@
-"""Two-rank DeepSpeed training (CPU, gloo, fp32): exact resume under ZeRO-2 (stopped by run length) and ZeRO-3
-(stopped by SIGTERM on one rank), the NaN guard, resume at world size 1 through a universal checkpoint, and
-SIGTERM preemption through the DeepSpeed launcher (`slow`).
+"""Two-rank DeepSpeed training (CPU, gloo, fp32): exact resume under every engine variant (ZeRO 0, 1, 2, 3 and
+ZeRO-2/3 with CPU offload; ZeRO-3 stopped by SIGTERM on one rank, the others by run length), the NaN guard, resume
+at world size 1 through a universal checkpoint, and SIGTERM preemption through the DeepSpeed launcher (`slow`).
 
 The tests launch this file with torchrun; run as a script (`python THIS PHASE DIR`) it is the worker.
 """
@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,35 @@ import yaml
 
 HERE = Path(__file__).resolve()
 LAUNCH = HERE.parents[1] / "launch" / "train.py"
-STAGES = (2, 3)
 HALF = 2
-"""Steps before the stop; the full run is 2 * HALF."""
+"""Steps before the stop of the ZeRO-2/3 runs; their full run is 2 * HALF."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One engine configuration: trained `steps` steps uninterrupted, and again stopped after `stop` and resumed."""
+
+    stage: int
+    """ZeRO stage."""
+    offload: str = "none"
+    """`deepspeed.offload`: `cpu` offloads the optimizer state (and at stage 3 the parameters)."""
+    stop: int = 1
+    """Steps before the stop. One is enough: the checkpoint then holds Adam moments that shape later updates."""
+    steps: int = 3
+    """Full run length; two steps after a resume at 1, so the last loss follows an update with restored moments."""
+    sigterm: bool = False
+    """Stop by a SIGTERM on rank 1 (both ranks must agree and save) instead of by run length."""
+
+
+VARIANTS = {
+    "zero0": Variant(0),
+    "zero1": Variant(1),
+    "zero2": Variant(2, stop=HALF, steps=2 * HALF),
+    "zero3": Variant(3, stop=HALF, steps=2 * HALF, sigterm=True),
+    "zero2_offload": Variant(2, "cpu"),
+    "zero3_offload": Variant(3, "cpu"),
+}
+"""Every engine variant the suite trains at world size 2 and resumes exactly (the short ones keep it fast)."""
 
 
 def _free_port() -> int:
@@ -85,25 +112,27 @@ def _reports(out: Path, phase: str) -> list[dict]:
 
 
 @pytest.mark.distributed
-def test_exact_resume_zero2_zero3_and_elastic_resume(tmp_path: Path):
+def test_exact_resume_every_zero_variant_and_elastic_resume(tmp_path: Path):
     _torchrun("first", tmp_path)
     _torchrun("resume", tmp_path)
     first, resumed = _reports(tmp_path, "first"), _reports(tmp_path, "resume")
     for rank in range(2):
-        assert first[rank]["world_size"] == 2 and resumed[rank]["world_size"] == 2
-        for stage in STAGES:
-            full = first[rank][f"full{stage}"]
-            assert len(full) == 2 * HALF and all(math.isfinite(x) for x in full)
-            # N steps + stop + resume + N steps == 2N steps, bitwise.
-            assert first[rank][f"half{stage}"] == full[:HALF]
-            assert resumed[rank][f"resumed{stage}"] == full[HALF:], (stage, rank)
-            assert resumed[rank][f"start{stage}"] == HALF
+        for name, variant in VARIANTS.items():
+            runs = (first[rank][f"full-{name}"], first[rank][f"part-{name}"], resumed[rank][f"resumed-{name}"])
+            assert [run["world_size"] for run in runs] == [2, 2, 2], name
+            full = runs[0]["losses"]
+            assert len(full) == variant.steps and all(math.isfinite(x) for x in full)
+            # N steps + stop + resume + the rest == the uninterrupted run, bitwise.
+            assert runs[1]["losses"] == full[: variant.stop], (name, rank)
+            assert runs[2]["start"] == variant.stop and runs[2]["losses"] == full[variant.stop :], (name, rank)
+            for run in runs:
+                _assert_engine(run["engine"], variant)
         # NaN on one rank: the step is skipped on both, nothing non-finite stays; M=2 in a row stops with a checkpoint.
         assert first[rank]["nan_finite"] and first[rank]["nan_skipped"] == 1
         assert first[rank]["stop_step"] == 3 and "2 non-finite steps in a row" in first[rank]["stop_message"]
         assert first[rank]["stop_checkpoint"].endswith("step00000003")
     # The ranks saw different data (otherwise equal losses would prove little).
-    assert first[0]["full2"][0] != first[1]["full2"][0]
+    assert first[0]["full-zero2"]["losses"][0] != first[1]["full-zero2"]["losses"][0]
     # Elastic: the world-size-2 ZeRO-2 checkpoint resumes at world size 1 through a universal checkpoint.
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run([sys.executable, str(HERE), "elastic", str(tmp_path)], env={**env, "DS_ACCELERATOR": "cpu"},
@@ -112,7 +141,31 @@ def test_exact_resume_zero2_zero3_and_elastic_resume(tmp_path: Path):
     elastic = json.loads((tmp_path / "elastic.json").read_text())
     assert elastic["world_size"] == 1 and elastic["start"] == 2 * HALF and elastic["steps"] == 2 * HALF + 1
     assert math.isfinite(elastic["loss"])
-    assert (tmp_path / "part2" / "checkpoints" / f"step{2 * HALF:08d}_universal").is_dir()
+    assert (tmp_path / "part-zero2" / "checkpoints" / f"step{2 * HALF:08d}_universal").is_dir()
+
+
+def _assert_engine(facts: dict, variant: Variant) -> None:
+    """The engine ran the variant's ZeRO stage, and DeepSpeed's optimizer took the offload path exactly when asked."""
+    offload = variant.offload == "cpu"
+    params = offload and variant.stage == 3
+    assert facts["stage"] == variant.stage, facts
+    assert facts["offload_config"] == ["cpu" if offload else "none", "cpu" if params else "none"], facts
+    assert facts["offload_optimizer"] == offload and facts["offload_param"] == params, facts
+    # ZeRO 1-3 wrap the client AdamW; ZeRO-0 in fp32 steps it directly. Its state and the fp32 weights it updates
+    # (the master partitions under ZeRO) are fp32 on the CPU.
+    wrapper = {0: "AdamW", 3: "DeepSpeedZeroOptimizer_Stage3"}.get(variant.stage, "DeepSpeedZeroOptimizer")
+    assert facts["optimizer"] == wrapper, facts
+    assert facts["master"] == ["cpu", "torch.float32"] and facts["state"] == ["cpu", "torch.float32"], facts
+
+
+def test_offload_at_zero0_is_refused_at_config_load_not_ignored():
+    from plait.trainer.config import ConfigError, load_config
+    from plait.trainer.engine import deepspeed_config
+
+    with pytest.raises(ConfigError, match="deepspeed.offload.*zero_stage 1, 2 or 3"):
+        load_config(None, ["deepspeed.zero_stage=0", "deepspeed.offload=cpu"])
+    assert deepspeed_config(load_config(None, ["deepspeed.zero_stage=1", "deepspeed.offload=cpu"]))[
+        "zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
 
 
 @pytest.mark.distributed
@@ -177,11 +230,10 @@ def _logged_steps(db: Path, steps: int) -> bool:
     return row is not None and row[0] is not None and row[0] >= steps
 
 
-def _run(config_path: Path, run_dir: Path, steps: int, stage: int, sigterm_at: int | None = None,
-         ) -> tuple[list[float], int, int]:
-    """Train (resuming if `run_dir` has a checkpoint) and return (losses, start step, world size).
+def _run(config_path: Path, run_dir: Path, variant: Variant, steps: int, sigterm_at: int | None = None) -> dict:
+    """Train `variant` (resuming if `run_dir` has a checkpoint): losses, start step, world size and engine facts.
 
-    With `sigterm_at`, rank 1 sends itself SIGTERM while fetching that step's batch (saves only on preemption).
+    With `sigterm_at`, rank 1 sends itself SIGTERM while fetching that step's batch; the run saves on that preemption.
     """
     import torch.distributed as dist
 
@@ -190,8 +242,9 @@ def _run(config_path: Path, run_dir: Path, steps: int, stage: int, sigterm_at: i
     from plait.trainer.train import Trainer
 
     init_distributed()
-    extra = ["checkpoint.every=0"] if sigterm_at is not None else []
-    cfg = load_config(config_path, [f"run_dir={run_dir}", f"steps={steps}", f"deepspeed.zero_stage={stage}", *extra])
+    # Only the final (or preemption) checkpoint is resumed from; periodic ones would only cost time.
+    cfg = load_config(config_path, [f"run_dir={run_dir}", f"steps={steps}", f"deepspeed.zero_stage={variant.stage}",
+                                    f"deepspeed.offload={variant.offload}", "checkpoint.every=0"])
     rank = dist.get_rank()
     data = SignalAt(cfg, rank, at=sigterm_at if rank == 1 else None)
     trainer = Trainer(cfg, data=data)
@@ -201,7 +254,41 @@ def _run(config_path: Path, run_dir: Path, steps: int, stage: int, sigterm_at: i
     finally:
         trainer.close()
     assert trainer.preempted == (sigterm_at is not None)
-    return trainer.losses, start, trainer.world
+    return {"losses": trainer.losses, "start": start, "world_size": trainer.world,
+            "engine": engine_facts(trainer.engine)}
+
+
+def engine_facts(engine) -> dict:
+    """ZeRO stage, optimizer class, configured offload devices, and what DeepSpeed's optimizer object did about them.
+
+    On a CPU-only machine every tensor lives on the CPU whatever the config, so device checks alone prove nothing:
+    offload shows as DeepSpeed taking its offload path, the flags it branches on together with the structures
+    only that path builds (ZeRO-1/2: the CPU gradient staging buffer; ZeRO-3: the sub-group -> CPU map of the
+    optimizer, the flat CPU memory holding the parameter partitions).
+    """
+    import torch
+
+    opt = engine.optimizer
+    basic = getattr(opt, "optimizer", opt)
+    stage = engine.zero_optimization_stage()
+    if stage == 3:
+        optimizer_offload = bool(opt.offload_optimizer and getattr(opt, "subgroup_to_device", None))
+        param_offload = bool(opt.offload_param and opt.param_groups_fp16_flat_cpu_memory)
+        masters = opt.fp32_partitioned_groups_flat
+    elif stage in (1, 2):
+        optimizer_offload = bool(opt.cpu_offload and hasattr(opt, "temp_grad_buffer_for_cpu_offload"))
+        param_offload = False
+        masters = opt.single_partition_of_fp32_groups
+    else:
+        optimizer_offload = param_offload = False
+        masters = [p for group in basic.param_groups for p in group["params"]]
+    configured = (engine.zero_offload_optimizer(), engine.zero_offload_param())
+    states = [t for s in basic.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    return {"stage": stage, "optimizer": type(opt).__name__,
+            "offload_config": [str(c.device) if c is not None else "none" for c in configured],
+            "offload_optimizer": optimizer_offload, "offload_param": param_offload,
+            "master": sorted({t.device.type for t in masters} | {str(t.dtype) for t in masters}),
+            "state": sorted({t.device.type for t in states} | {str(t.dtype) for t in states})}
 
 
 class SignalAt:
@@ -258,33 +345,40 @@ def _nan_guard(config_path: Path, out: Path) -> dict:
 
 
 def _worker(phase: str, out: Path) -> None:
-    """`first`: full runs and first halves; `resume`: second halves; `elastic`: world size 1 from a 2-rank save."""
+    """`first`: full runs and first parts; `resume`: the rest of each part; `elastic`: world size 1 from 2 ranks."""
     import deepspeed
     import torch.distributed as dist
 
-    config = write_config(out / "run.yaml") if phase == "first" else out / "run.yaml"
-    report: dict = {}
-    for stage in STAGES:
-        if phase == "first":
-            report[f"full{stage}"], _, world = _run(config, out / f"full{stage}", 2 * HALF, stage)
-            # ZeRO-2 stops by run length, ZeRO-3 by a SIGTERM on rank 1 (both ranks must agree and save).
-            if stage == 2:
-                report[f"half{stage}"], _, _ = _run(config, out / f"part{stage}", HALF, stage)
-            else:
-                report[f"half{stage}"], _, _ = _run(config, out / f"part{stage}", 2 * HALF, stage, HALF - 1)
-        elif phase == "resume":
-            report[f"resumed{stage}"], report[f"start{stage}"], world = _run(config, out / f"part{stage}",
-                                                                             2 * HALF, stage)
-    if phase == "first":
-        report.update(_nan_guard(config, out))
+    # One MLflow store for every run of the phase: each new SQLite store costs seconds of schema creation.
+    tracking = {"log_every": 1, "uri": f"sqlite:///{out / 'mlflow.db'}"}
+    config = write_config(out / "run.yaml", tracking=tracking) if phase == "first" else out / "run.yaml"
     if phase == "elastic":
-        losses, start, world = _run(config, out / "part2", 2 * HALF + 1, 2)
-        (out / "elastic.json").write_text(json.dumps({"world_size": world, "start": start, "loss": losses[-1],
-                                                      "steps": start + len(losses)}))
+        run = _run(config, out / "part-zero2", VARIANTS["zero2"], 2 * HALF + 1)
+        (out / "elastic.json").write_text(json.dumps({"world_size": run["world_size"], "start": run["start"],
+                                                      "loss": run["losses"][-1],
+                                                      "steps": run["start"] + len(run["losses"])}))
     else:
-        report["world_size"] = world
+        report = _variant_runs(phase, config, out)
         (out / f"{phase}-rank{dist.get_rank()}.json").write_text(json.dumps(report))
     deepspeed.comm.destroy_process_group()
+
+
+def _variant_runs(phase: str, config: Path, out: Path) -> dict:
+    """`first`: every variant's full run and first part, then the NaN guard; `resume`: the rest of each part."""
+    report: dict = {}
+    for name, variant in VARIANTS.items():
+        part = out / f"part-{name}"
+        if phase == "first":
+            report[f"full-{name}"] = _run(config, out / f"full-{name}", variant, variant.steps)
+            if variant.sigterm:
+                report[f"part-{name}"] = _run(config, part, variant, variant.steps, sigterm_at=variant.stop - 1)
+            else:
+                report[f"part-{name}"] = _run(config, part, variant, variant.stop)
+        else:
+            report[f"resumed-{name}"] = _run(config, part, variant, variant.steps)
+    if phase == "first":
+        report.update(_nan_guard(config, out))
+    return report
 
 
 if __name__ == "__main__":

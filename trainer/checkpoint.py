@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from plait.trainer.losses.distributed import host_group
+
 logger = logging.getLogger(__name__)
 
 LATEST = "latest"
@@ -226,12 +228,11 @@ class PreemptionFlag:
         self.signalled = True
 
     def requested(self) -> bool:
-        """True on every rank once any rank got a signal (one tiny all-reduce per call)."""
+        """True on every rank once any rank got a signal (one tiny host all-reduce per call, never a device sync)."""
         if not dist.is_initialized():
             return self.signalled
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        flag = torch.tensor([int(self.signalled)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor([int(self.signalled)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=host_group())
         return bool(flag.item())
 
     def close(self) -> None:

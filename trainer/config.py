@@ -83,6 +83,9 @@ class DeepSpeedConfig:
                 raise ValueError(f"config_file: {self.config_file} is not valid JSON: {err}") from None
         if self.stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {self.stage}")
+        if self.offload == "cpu" and self.stage == 0:
+            raise ValueError("offload: cpu needs zero_stage 1, 2 or 3 (at stage 0 DeepSpeed ignores it and keeps the "
+                             "optimizer state on the device)")
 
     @property
     def stage(self) -> int:
@@ -117,9 +120,13 @@ class TrackingConfig:
     """MLflow experiment name."""
     log_every: int = 10
     """Send batched metrics every N steps."""
+    peak_tflops: Optional[float] = None
+    """Peak TFLOP/s of one device for MFU; null: the table of known accelerators (none for CPUs and others)."""
 
     def __post_init__(self) -> None:
         check_positive(self, "log_every")
+        if self.peak_tflops is not None and not 0 < self.peak_tflops < float("inf"):
+            raise ValueError(f"peak_tflops: must be a positive number or null, got {self.peak_tflops}")
 
 
 @dataclass

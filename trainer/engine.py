@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from plait.data.batch import PackedBatch
-from plait.data.rng import caption_keys
 from plait.data.sizing import SizingConfig
 from plait.trainer.config import RunConfig
 from plait.trainer.losses.config import LossConfig
@@ -61,15 +61,17 @@ class TrainModule(nn.Module):
             modality=batch.modality,
             sample_key=batch.sample_key,
             group=batch.group,
-            caption_id=caption_keys(batch.caption_ids, batch.caption_cu_seqlens),
+            caption_id=batch.caption_key,
             caption_logits=out.caption_logits,
             caption_targets=out.caption_targets,
             router_outputs=out.router_outputs,
+            host_modality=batch.host_modality,
         )
         result = self.objective(inputs, step=step, weights=weights, hard_fraction=hard_fraction)
         experts = self.model.cfg.mome.num_experts
         counts = [assignment_counts(r, experts) for r in out.router_outputs]
-        expert_counts = torch.stack(counts) if counts else torch.zeros(0, 0, experts, dtype=torch.long)
+        expert_counts = torch.stack(counts) if counts else torch.zeros(0, 0, experts, dtype=torch.long,
+                                                                                   device=out.media_embeds.device)
         return TrainOutput(result.loss, result.components, out.counters, expert_counts.detach(), captioning)
 
     @torch.no_grad()
@@ -87,17 +89,37 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+SLURM_ENV = {"RANK": "SLURM_PROCID", "WORLD_SIZE": "SLURM_NTASKS", "LOCAL_RANK": "SLURM_LOCALID"}
+"""torch.distributed variables and the SLURM ones they come from under `srun` (one task per GPU)."""
+
+
 def init_distributed() -> None:
-    """Join the launcher's process group (deepspeed, torchrun, srun), or make one of a single rank in-process."""
+    """Join the launcher's process group (deepspeed, torchrun, srun), or make one of a single rank in-process.
+
+    On CUDA the local rank's device becomes the current one first, so everything built next lands there.
+    """
     import deepspeed
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        os.environ.update({name: os.environ[slurm] for name, slurm in SLURM_ENV.items()})
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+        if missing:
+            raise RuntimeError(f"srun without a launcher: set {' and '.join(missing)} (e.g. the first node's "
+                               "hostname and a free port) in the job script")
+    if "RANK" not in os.environ:
         # Without a launcher DeepSpeed goes looking for mpi4py; a one-rank env:// group needs only these.
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def local_rank() -> int:
+    """This process's rank on its node (`LOCAL_RANK`, set by every launcher or from SLURM)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def uses_bf16(cfg: RunConfig) -> bool:
@@ -135,13 +157,31 @@ def deepspeed_config(cfg: RunConfig, load_universal: bool = False) -> dict:
     }
 
 
-def build_engine(cfg: RunConfig, freezable: list[str] = (), load_universal: bool = False):
-    """Build the module (same init on every rank from `cfg.seed`), the AdamW groups and the DeepSpeed engine."""
+def build_module(cfg: RunConfig, ds_config: dict) -> TrainModule:
+    """The module from `cfg.seed`, the same on every rank; at ZeRO-3 built under `zero.Init`.
+
+    There every parameter, a pretrained LLM's included, is created partitioned, so no rank ever holds the whole
+    model; the gathered values are those of a plain build from the same seed.
+    """
     import deepspeed
 
+    from plait.trainer.model.llm import transformers_zero3
+
     torch.manual_seed(cfg.seed)
-    module = TrainModule(cfg.model, cfg.data.sizing, cfg.loss)
+    with ExitStack() as partitioned:
+        if cfg.deepspeed.stage == 3:
+            partitioned.enter_context(transformers_zero3(ds_config))
+            partitioned.enter_context(deepspeed.zero.Init(config_dict_or_path=ds_config))
+        return TrainModule(cfg.model, cfg.data.sizing, cfg.loss)
+
+
+def build_engine(cfg: RunConfig, freezable: list[str] = (), load_universal: bool = False):
+    """Build the module (`build_module`), the AdamW groups and the DeepSpeed engine."""
+    import deepspeed
+
+    ds_config = deepspeed_config(cfg, load_universal)
+    module = build_module(cfg, ds_config)
     mark_zero3_leaf_modules(module)
     optimizer = build_optimizer(module, cfg.optim, freezable)
-    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg, load_universal))
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
     return engine

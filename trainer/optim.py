@@ -41,7 +41,8 @@ def group_of(name: str) -> str:
 
 def decays(name: str, param: torch.Tensor, owner: nn.Module) -> bool:
     """Weight decay only on matrices: never on norms, biases, embeddings, latents or the temperature."""
-    if param.ndim < 2 or name.endswith("bias") or name.endswith("logit_scale"):
+    # A parameter zero.Init partitioned is an empty 1-D placeholder; `ds_shape` is its real shape.
+    if len(getattr(param, "ds_shape", param.shape)) < 2 or name.endswith("bias") or name.endswith("logit_scale"):
         return False
     return not isinstance(owner, _NO_DECAY_OWNERS) and "norm" not in type(owner).__name__.lower()
 

@@ -2,11 +2,13 @@
 
 Losses and statistics are averaged over steps and ranks (each rank's loss is its share of the global
 loss); token, sample, padding and drop counts are summed; router assignments become expert utilisation
-per token modality. MFU divides model FLOPs per second by the device's peak where that peak is known.
+per token modality. MFU divides model FLOPs per second by the device's peak where that peak is known
+(`tracking.peak_tflops`, else the `PEAK_TFLOPS` table).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -15,52 +17,91 @@ import torch
 import torch.distributed as dist
 
 from plait.data.batch import TOKEN_MODALITIES
+from plait.trainer.losses.distributed import host_group
 
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
-"""Dense bf16 peak FLOP/s by GPU model name fragment; unknown devices (CPUs) report no MFU."""
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    (r"A100", 312.0),
+    (r"\bH100.*PCIe", 756.0),
+    (r"\bH100.*NVL", 835.0),
+    (r"\bH100", 989.0),
+    (r"\bH800.*PCIe", 756.0),
+    (r"\bH800", 989.0),
+    (r"\bH200.*NVL", 835.0),
+    (r"\bH200", 989.0),
+    (r"\bGH200", 989.0),
+    (r"\bB200", 2250.0),
+    (r"L40S", 362.0),
+    (r"\bL4\b", 121.0),
+    (r"MI300X", 1307.0),
+    (r"MI325X", 1307.0),
+)
+"""Dense (no 2:4 sparsity) bf16 tensor-core peak TFLOP/s, by a regex searched in `torch.cuda.get_device_name()`.
+
+The first matching row wins, so a variant (`H100 PCIe`, `H100 NVL`) sits above its family's row, and
+`\b` keeps `H200` from matching `GH200` and `B200` from matching `GB200`. Sources: the vendors' datasheets
+at boost clock, halving the "with sparsity" figure where only that one is printed: A100 (SXM and PCIe) 312;
+H100 SXM 989 (torch names it `NVIDIA H100 80GB HBM3`), H100 PCIe 756, H100 NVL 835; H800 like H100;
+H200 SXM 989 (`NVIDIA H200`), H200 NVL 835; GH200 989; B200 2250 (HGX B200: 4.5 PFLOP/s sparse per GPU);
+L40S 362; L4 121; AMD MI300X and MI325X 1307 (ROCm torch names it `AMD Instinct MI300X`). Sustained rates
+are lower (a large bf16 matmul on an H100/H200 reaches about 800), so even a perfect run stays below MFU 1. A device
+missing here (CPUs included) reports no MFU unless `tracking.peak_tflops` names its peak.
+"""
 
 
-def device_peak_flops() -> float | None:
-    """Peak FLOP/s of this rank's device, or None when unknown."""
+def peak_tflops_of(device_name: str) -> float | None:
+    """The table's dense bf16 peak TFLOP/s for a device name, or None when no row matches."""
+    return next((peak for pattern, peak in PEAK_TFLOPS if re.search(pattern, device_name, re.IGNORECASE)), None)
+
+
+def device_peak_flops(override_tflops: float | None = None) -> float | None:
+    """Peak FLOP/s of this rank's device: `override_tflops` when set (any device), else the table's, else None."""
+    if override_tflops is not None:
+        return override_tflops * 1e12
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+    peak = peak_tflops_of(torch.cuda.get_device_name())
+    return None if peak is None else peak * 1e12
 
 
 class MetricWindow:
-    """Sums of one rank's step metrics since the last log; `reduce` turns them into global metrics."""
+    """Sums of one rank's step metrics since the last log; `reduce` turns them into global metrics.
+
+    Values may be host floats or device tensors: sums stay where they are, and `reduce` reads every device
+    value back in one transfer, so only logging steps wait for the device.
+    """
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         """Start a new window."""
-        self.sums: dict[str, float] = defaultdict(float)
+        self.sums: dict[str, torch.Tensor | float] = {}
         self.seen: dict[str, int] = defaultdict(int)
-        self.counts: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, torch.Tensor | float] = {}
         self.experts: torch.Tensor | None = None
         self.started = time.perf_counter()
 
-    def add_step(self, components: dict[str, float], counts: dict[str, float],
+    def add_step(self, components: dict[str, torch.Tensor | float], counts: dict[str, torch.Tensor | float],
                  expert_counts: torch.Tensor | None) -> None:
         """One optimizer step's averaged components, summed counts and router assignments."""
         for key, value in components.items():
-            self.sums[key] += value
+            self.sums[key] = self.sums.get(key, 0.0) + value
             self.seen[key] += 1
         for key, value in counts.items():
-            self.counts[key] += value
+            self.counts[key] = self.counts.get(key, 0.0) + value
         if expert_counts is not None and expert_counts.numel():
             self.experts = expert_counts.clone() if self.experts is None else self.experts + expert_counts
 
     def reduce(self, peak_flops: float | None) -> tuple[dict[str, float], torch.Tensor | None]:
         """Global metrics of the window (call on every rank) and the summed expert assignments."""
         elapsed = time.perf_counter() - self.started
-        local = {"sums": dict(self.sums), "seen": dict(self.seen), "counts": dict(self.counts), "experts": self.experts}
+        sums, counts = host_values(self.sums), host_values(self.counts)
+        experts = self.experts.cpu() if self.experts is not None else None
+        local = {"sums": sums, "seen": dict(self.seen), "counts": counts, "experts": experts}
         parts = [local]
         if dist.is_initialized() and dist.get_world_size() > 1:
             parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, local)
+            dist.all_gather_object(parts, local, group=host_group())
         world = len(parts)
         metrics: dict[str, float] = {}
         for key in {k for p in parts for k in p["sums"]}:
@@ -75,6 +116,16 @@ class MetricWindow:
         if total is not None:
             metrics.update(expert_utilisation(total))
         return metrics, total
+
+
+def host_values(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Floats of a mix of host numbers and device scalars, reading all the device ones in one transfer."""
+    tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+    device = next((v.device for v in tensors.values() if v.device.type != "cpu"), torch.device("cpu"))
+    read = torch.stack([v.detach().to(device, torch.float64) for v in tensors.values()]).tolist() if tensors else []
+    out = {k: float(v) for k, v in values.items() if not isinstance(v, torch.Tensor)}
+    out.update(zip(tensors, read))
+    return out
 
 
 def _throughput(counts: dict[str, float], elapsed: float, world: int, peak: float | None) -> dict[str, float]:

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from plait.data.rng import caption_keys
 from plait.trainer.checkpoint import Checkpointer, PreemptionFlag, rng_state, set_rng_state
 from plait.trainer.config import RunConfig
 from plait.trainer.config_loader import render_yaml, to_dict
@@ -52,10 +51,12 @@ class Trainer:
         freezable = frozen_prefixes(phase.values.get("frozen", []) for phase in cfg.curriculum.phases)
         self.engine = build_engine(cfg, freezable, load_universal=resume and self.checkpointer.needs_universal())
         self.module = self.engine.module
+        self.device = self.engine.device
         self.data = data or PlannedBatches(cfg, self.rank, self.world)
         self.step, self.skipped_in_row, self.skipped_total = 0, 0, 0
-        self.losses: list[float] = []
-        self.last_components: dict[str, float] = {}
+        self._loss_history: list[float] = []
+        self._pending_losses: list[torch.Tensor] = []
+        self.last_components: dict[str, torch.Tensor | float] = {}
         self.retrieval: dict[str, dict[str, float]] = {}
         self.checkpoint_path: str | None = None
         self.preempted = False
@@ -65,7 +66,7 @@ class Trainer:
         self.tracker = Tracker(resolve_uri(cfg.tracking.uri, self.run_dir), cfg.tracking.experiment, self.run_dir,
                                run_id=run_id, run_name=self.run_dir.name, enabled=self.rank == 0)
         self.window = MetricWindow()
-        self.peak_flops = device_peak_flops()
+        self.peak_flops = device_peak_flops(cfg.tracking.peak_tflops)
         self.preemption = PreemptionFlag()
 
     def _resume(self) -> str | None:
@@ -103,52 +104,69 @@ class Trainer:
             startup_summary(self.cfg, self.world, counts, self.curriculum, self.step, self.tracker)
         self._stage_params()
         progress = Progress(self.cfg.steps, self.step, enabled=self.rank == 0)
-        stop = False
-        while self.step < self.cfg.steps and not stop:
-            self.train_step()
-            self.step += 1
-            if self._logs_at(self.step):
-                self._log()
-            progress.update(self.step, self.losses[-1], self.progress_metrics)
-            nonfinite_stop = self.skipped_in_row >= self.cfg.optim.max_nonfinite_steps
-            self.preempted = self.preemption.requested()
-            stop = self.preempted or nonfinite_stop
-            every = self.cfg.checkpoint.every
-            if stop or self.step == self.cfg.steps or (every and self.step % every == 0):
-                self.checkpoint_path = self.checkpointer.save(self.engine, self.step, self._run_state(),
-                                                              {"data": self.data.state_dict(), "rng": rng_state()})
-            if nonfinite_stop:
-                raise NonFiniteStop(f"{self.skipped_in_row} non-finite steps in a row up to step {self.step}; "
-                                    f"checkpoint {self.checkpoint_path}")
-            if self.step == self.cfg.steps or (self.cfg.eval.every and self.step % self.cfg.eval.every == 0):
-                self.evaluate()
+        running = True
+        while running and self.step < self.cfg.steps:
+            running = self.advance(progress)
         progress.close()
         return self.result()
 
+    def advance(self, progress: Progress) -> bool:
+        """One iteration of the loop: step, log, checkpoint and evaluate when due; False once the run must stop."""
+        self.train_step()
+        self.step += 1
+        if self._logs_at(self.step):
+            self._log()
+        progress.update(self.step, self.progress_metrics)
+        nonfinite_stop = self.skipped_in_row >= self.cfg.optim.max_nonfinite_steps
+        self.preempted = self.preemption.requested()
+        stop = self.preempted or nonfinite_stop
+        every = self.cfg.checkpoint.every
+        if stop or self.step == self.cfg.steps or (every and self.step % every == 0):
+            self.checkpoint_path = self.checkpointer.save(self.engine, self.step, self._run_state(),
+                                                          {"data": self.data.state_dict(), "rng": rng_state()})
+        if nonfinite_stop:
+            raise NonFiniteStop(f"{self.skipped_in_row} non-finite steps in a row up to step {self.step}; "
+                                f"checkpoint {self.checkpoint_path}")
+        if self.step == self.cfg.steps or (self.cfg.eval.every and self.step % self.cfg.eval.every == 0):
+            self.evaluate()
+        return not stop
+
+    @property
+    def losses(self) -> list[float]:
+        """Mean loss of every optimizer step this process ran (reading it syncs with the device once)."""
+        if self._pending_losses:
+            self._loss_history.extend(torch.stack(self._pending_losses).tolist())
+            self._pending_losses = []
+        return self._loss_history
+
     def train_step(self) -> None:
-        """One optimizer step over `gradient_accumulation_steps` micro-batches, skipped if non-finite."""
+        """One optimizer step over `gradient_accumulation_steps` micro-batches, skipped if non-finite.
+
+        Losses, components and counters stay on the device; the host reads them only when logging.
+        """
         values = self.curriculum.at(self.step)
         lrs = apply_schedule(self.engine.optimizer, self.step, self.cfg.optim, self.cfg.steps, values)
         queues = self.module.objective.queues
         rollback = queues.snapshot() if queues is not None else None
-        components: dict[str, float] = {}
-        counts: dict[str, float] = {}
+        components: dict[str, torch.Tensor | float] = {}
+        counts: dict[str, torch.Tensor | float] = {}
         experts = None
         loss_sum = 0.0
         gas = self.cfg.deepspeed.gradient_accumulation_steps
         for micro in range(gas):
-            batch = self.data.batch(self.step, micro)
+            host = self.data.batch(self.step, micro)
+            batch = host.to(self.device)
             out = self.engine(batch, self.step, weights=values.loss_weights, hard_fraction=values.hard_negative_ratio)
             self.engine.backward(out.loss)
             if micro == gas - 1 and self._logs_at(self.step + 1):
                 components.update(grad_norms(self.module, group_of))
             self.engine.step()
-            loss_sum += float(out.loss.detach())
+            loss_sum = loss_sum + out.loss.detach()
             for key, value in out.components.items():
-                components[key] = components.get(key, 0.0) + float(value) / gas
-            self._count(counts, batch, out.counters, out.captioning)
+                components[key] = components.get(key, 0.0) + value / gas
+            self._count(counts, host, out.counters, out.captioning)
             experts = out.expert_counts if experts is None else experts + out.expert_counts
-        self.losses.append(loss_sum / gas)
+        self._pending_losses.append(loss_sum / gas)
         if not self.engine.was_step_applied():
             if rollback is not None:
                 queues.restore(rollback)
@@ -163,7 +181,7 @@ class Trainer:
         components.update({f"lr/{group}": lr for group, lr in lrs.items()})
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
-            components["grad_norm"] = float(norm)
+            components["grad_norm"] = norm
         self.last_components = components
         self.window.add_step(components, counts, experts)
 
@@ -171,8 +189,10 @@ class Trainer:
         """Whether metrics are sent after optimizer step `step` (1-based count of steps done)."""
         return step % self.cfg.tracking.log_every == 0 or step == self.cfg.steps
 
-    def _count(self, counts: dict[str, float], batch, model_counters: dict[str, int], captioning: bool) -> None:
-        """Add one micro-batch's samples, tokens, padding, drops, skipped samples and FLOPs to `counts`."""
+    def _count(self, counts: dict[str, torch.Tensor | float], batch, model_counters: dict[str, int | torch.Tensor],
+               captioning: bool) -> None:
+        """Add one micro-batch's samples, tokens, padding, drops, skipped samples and FLOPs to `counts` (from the
+        host batch; the model's capacity drops stay a device scalar)."""
         tokens = sum(stream.num_tokens for stream in batch.streams.values())
         counts["samples"] = counts.get("samples", 0.0) + batch.num_samples
         counts["tokens"] = counts.get("tokens", 0.0) + tokens + int(batch.caption_ids.numel())
@@ -188,7 +208,7 @@ class Trainer:
             counts["flops"] = counts.get("flops", 0.0) + estimate_flops(self.module.model, batch, captioning).train
 
     def _log(self) -> None:
-        """Reduce the window over ranks and send it (rank 0)."""
+        """Reduce the window over ranks and send it (rank 0): the one point where a step reads the device."""
         metrics, experts = self.window.reduce(self.peak_flops)
         metrics["guard/skipped_steps_total"] = float(self.skipped_total)
         self.tracker.log_metrics(metrics, self.step)
@@ -205,9 +225,9 @@ class Trainer:
             return {}
         self.module.eval()
         parts = []
-        for batch in self.data.eval_batches():
-            media, text = self.module.embed(batch)
-            parts.append((media, text, caption_keys(batch.caption_ids, batch.caption_cu_seqlens), batch.modality))
+        for host in self.data.eval_batches():
+            media, text = self.module.embed(host.to(self.device))
+            parts.append((media, text, host.caption_key, host.modality))
         self.module.train()
         media, text, captions, modality = gather_embeddings(parts)
         if media is None:
@@ -226,7 +246,7 @@ class Trainer:
 
     def result(self) -> dict[str, Any]:
         """The final JSON line."""
-        losses = {k.removeprefix("loss/"): v for k, v in self.last_components.items() if k.startswith("loss/")}
+        losses = {k.removeprefix("loss/"): float(v) for k, v in self.last_components.items() if k.startswith("loss/")}
         return {"run_id": self.tracker.run_id, "tracking_uri": self.tracker.uri, "world_size": self.world,
                 "steps": self.step, "loss": self.losses[-1] if self.losses else None, "losses": losses,
                 "retrieval": self.retrieval, "checkpoint": self.checkpoint_path}

@@ -38,6 +38,18 @@ def startup_summary(cfg: RunConfig, world: int, counts: ParameterCounts, curricu
     console.print(table)
 
 
+def progress_text(metrics: dict[str, float]) -> str:
+    """`loss 2.3456 | 12,345 tok/s | MFU 41.2%`: each throughput part only when the last log carried it (MFU
+    needs a known peak: `tracking.peak_tflops` or a device in `step_metrics.PEAK_TFLOPS`)."""
+    tps = metrics.get("throughput/tokens_per_s")
+    mfu = metrics.get("throughput/mfu")
+    loss = metrics.get("loss/total")
+    text = f"loss {loss:.4f}" if loss is not None else "loss -"
+    text += f" | {tps:,.0f} tok/s" if tps is not None else ""
+    text += f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
+    return text
+
+
 class Progress:
     """A progress bar whose description carries the latest loss, tokens/s and MFU; silent off rank 0."""
 
@@ -56,16 +68,11 @@ class Progress:
         self.task = self.bar.add_task("", total=total, completed=start)
         self.bar.start()
 
-    def update(self, step: int, loss: float, metrics: dict[str, float]) -> None:
-        """Move to `step` showing `loss` and the last logged throughput."""
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        """Move to `step` showing the last logged metrics (global mean loss, throughput): no device read per step."""
         if self.bar is None:
             return
-        tps = metrics.get("throughput/tokens_per_s")
-        mfu = metrics.get("throughput/mfu")
-        text = f"loss {loss:.4f}"
-        text += f" | {tps:,.0f} tok/s" if tps is not None else ""
-        text += f" | MFU {100 * mfu:.1f}%" if mfu is not None else " | MFU -"
-        self.bar.update(self.task, completed=step, description=text)
+        self.bar.update(self.task, completed=step, description=progress_text(metrics))
 
     def close(self) -> None:
         """Stop redrawing."""

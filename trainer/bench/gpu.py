@@ -6,21 +6,25 @@ One prepared run (budget `--budget-s`, default 7 minutes; each section also has 
    materialised logits; fused norms and AdamW vs formulas. Values and gradients.
 2. timings: varlen attention (flash-attn or torch varlen vs bucketed SDPA), MoE dispatch vs a dense FFN
    doing the same k x T rows, InfoNCE (Triton) vs materialised (time and peak memory), and a full
-   training step (forward, losses, backward, fused AdamW) of a ~1B-parameter packed bf16 model with
-   MFU = estimated model FLOPs / step time / the device's peak bf16 FLOPs.
+   training step (forward, losses, backward, fused AdamW) of a ~1B-parameter packed bf16 model (the one of
+   configs/examples/vlm-1b-1node.yaml) with MFU = estimated model FLOPs / step time / the device's peak bf16
+   FLOPs (`--peak-tflops`, else `step_metrics.PEAK_TFLOPS`).
 Without CUDA every GPU-only part is reported as skipped; `--cpu-timings --small` runs the timings on
-CPU at toy sizes (the tests do). A table is printed last, then the JSON line.
+CPU at toy sizes (the tests do); `--checks-only` stops after the checks (`make gpu-check` runs it so).
+A table is printed last, then the JSON line.
 Example (GPU): `plait bench gpu`; (CPU smoke test): `plait bench gpu --small --cpu-timings`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,15 +37,17 @@ from plait.kernels.infonce import MatchIds, infonce_chunked, infonce_reference
 from plait.kernels.moe import combine, dispatch, ffn_rows, grouped_ffn, permute, reference_moe
 from plait.kernels.segments import lengths_to_cu
 from plait.trainer.bench.model import make_batch, navit_mix
+from plait.trainer.config_loader import build, read_yaml
 from plait.trainer.console import console
 from plait.trainer.model.accounting import estimate_flops, parameter_counts
-from plait.trainer.model.config import EncoderConfig, LLMConfig, ModelConfig, MoMEConfig, ResamplerConfig
+from plait.trainer.model.config import ModelConfig
 from plait.trainer.model.multimodal import MultimodalModel
+from plait.trainer.step_metrics import device_peak_flops
 
 logger = logging.getLogger(__name__)
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12}
-"""Dense bf16 peak FLOP/s by a substring of the CUDA device name (unknown devices: no MFU)."""
+BILLION_EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "examples" / "vlm-1b-1node.yaml"
+"""The run config whose model section is the ~1B model timed here (and trained by `make gpu-check`)."""
 
 NO_CUDA = "skipped: needs CUDA"
 
@@ -268,20 +274,14 @@ def time_infonce(device: torch.device, small: bool, repeats: int) -> dict:
 
 
 def billion_config() -> ModelConfig:
-    """~1.1B parameters: a 2048-wide 16-layer Llama (~0.9B) with a MoME layer, a 1024-wide encoder and resampler."""
-    llm = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5504, "num_hidden_layers": 16,
-           "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 4096,
-           "tie_word_embeddings": False}
-    return ModelConfig(
-        encoder=EncoderConfig(dim=1024, depth=8, num_heads=16, ffn_hidden=2816, mome_layers=[7]),
-        resampler=ResamplerConfig(dim=1024, depth=2, num_latents=64, num_heads=16, ffn_hidden=2816),
-        llm=LLMConfig(model_kwargs=llm, mome_layers=[15]),
-        mome=MoMEConfig(num_experts=4, top_k=2),
-        embed_dim=512,
-    )
+    """~1.2B parameters (1.1B active per token): the model of `configs/examples/vlm-1b-1node.yaml` (a 2048-wide
+    16-layer Llama, a 1024-wide encoder and resampler), on whichever attention path this machine has fastest."""
+    model = build(ModelConfig, read_yaml(BILLION_EXAMPLE).get("model"), str(BILLION_EXAMPLE), "model")
+    return dataclasses.replace(model, attention_backend="auto")
 
 
-def time_train_step(device: torch.device, small: bool, samples: int, repeats: int) -> dict:
+def time_train_step(device: torch.device, small: bool, samples: int, repeats: int,
+                    peak_tflops: float | None = None) -> dict:
     """Forward + caption CE + InfoNCE against a queue + backward + AdamW step; MFU where the peak is known."""
     cfg = ModelConfig() if small else billion_config()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -307,8 +307,7 @@ def time_train_step(device: torch.device, small: bool, samples: int, repeats: in
     flops = estimate_flops(model, batch).train
     result = {"train_params": parameter_counts(model).total, "train_step_ms": 1e3 * step_s,
               "train_model_tflops_per_s": flops / step_s / 1e12, "train_tokens": batch.streams["vision"].num_tokens}
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = next((v for key, v in PEAK_BF16_FLOPS.items() if key in name), None)
+    peak = device_peak_flops(peak_tflops)
     result["mfu"] = flops / step_s / peak if peak else None
     return result
 
@@ -321,6 +320,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement (median kept)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip sections that would start past this")
     parser.add_argument("--section-timeout-s", type=float, default=150.0, help="alarm per section")
+    parser.add_argument("--checks-only", action="store_true", help="check the fast paths, skip the timings")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="device peak for MFU (default: the table of known accelerators)")
 
 
 def _guarded(name: str, fn: Callable[[], tuple[str, str] | dict], args: argparse.Namespace, started: float):
@@ -354,15 +356,17 @@ def run(args: argparse.Namespace) -> dict:
         status, detail = _guarded(name, fn, args, started)
         result[f"check/{name}"] = status
         rows.append((f"check {name}", status, detail))
-    timed = device.type == "cuda" or args.cpu_timings
+    timed = (device.type == "cuda" or args.cpu_timings) and not args.checks_only
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     samples = args.samples or (8 if args.small else 128)
     timings = [("attention", lambda: time_attention(device, dtype, args.small, args.repeats)),
                ("moe", lambda: time_moe(device, dtype, args.small, args.repeats)),
                ("infonce", lambda: time_infonce(device, args.small, args.repeats)),
-               ("train_step", lambda: time_train_step(device, args.small, samples, max(2, args.repeats // 2)))]
+               ("train_step", lambda: time_train_step(device, args.small, samples, max(2, args.repeats // 2),
+                                                      args.peak_tflops))]
+    untimed = "skipped: --checks-only" if args.checks_only else f"{NO_CUDA} (or --cpu-timings)"
     for name, fn in timings:
-        out = _guarded(name, fn, args, started) if timed else (f"{NO_CUDA} (or --cpu-timings)", "")
+        out = _guarded(name, fn, args, started) if timed else (untimed, "")
         if isinstance(out, dict):
             result.update(out)
             result[f"time/{name}"] = "passed"

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from plait.data.batch import TOKEN_MODALITIES
+from plait.kernels.segments import index_counts
 from plait.trainer.losses.config import BalanceConfig
 from plait.trainer.losses.distributed import all_reduce_sum, world_size
 from plait.trainer.model.routing import RouterOutput
@@ -51,9 +52,9 @@ def _layer_stats(router: RouterOutput, width: int) -> Tensor:
     probs = torch.nn.functional.pad(torch.softmax(logits, dim=-1), (0, width - logits.shape[1]))
     mod = router.modality.to(logits.device)
     routed = (mod[:, None] * width + router.topk_experts).reshape(-1)
-    counts = torch.bincount(routed, minlength=NUM_MODALITIES * width).view(NUM_MODALITIES, width)
+    counts = index_counts(routed, NUM_MODALITIES * width).view(NUM_MODALITIES, width)
     prob_sums = probs.new_zeros(NUM_MODALITIES, width).index_add_(0, mod, probs)
-    tokens = torch.bincount(mod, minlength=NUM_MODALITIES)
+    tokens = index_counts(mod, NUM_MODALITIES)
     return torch.cat([counts.double(), prob_sums.double(), tokens.double()[:, None]], dim=1)
 
 

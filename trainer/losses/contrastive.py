@@ -21,7 +21,7 @@ from plait.data.batch import MODALITIES
 from plait.data.rng import joined_seed
 from plait.kernels.infonce import MatchIds, infonce_chunked
 from plait.trainer.losses.config import ContrastiveConfig, HardNegativeConfig
-from plait.trainer.losses.distributed import all_gather_sizes, gather_no_grad, gather_with_grad
+from plait.trainer.losses.distributed import all_gather_host, gather_no_grad, gather_with_grad
 from plait.trainer.losses.distributed import rank as dist_rank
 from plait.trainer.losses.hard_negatives import select_negatives, similarity_report
 from plait.trainer.losses.queue import QueueBank
@@ -43,6 +43,8 @@ class GatheredBatch:
     """[Ng, D] L2-normalised text embeddings."""
     modality: Tensor
     """[Ng] int64 media modality code."""
+    host_modality: Tensor
+    """The same codes on the host (CPU): which pairs are present and where their rows are, without a sync."""
     ids: Tensor
     """[Ng, 3] int64 (key hash, group, caption id); -1 = none."""
     offset: int
@@ -69,9 +71,14 @@ def gather_batch(
     modality: Tensor,
     ids: Tensor,
     group: ProcessGroup | None = None,
+    host_modality: Tensor | None = None,
 ) -> GatheredBatch:
-    """Normalise and gather every rank's rows: one gather with gradient, one without (ids)."""
-    sizes = all_gather_sizes(media.shape[0], media.device, group)
+    """Normalise and gather every rank's rows: one gather with gradient, one without (ids).
+
+    `host_modality` is `modality` on the host (the trainer has it from the loader); without it the codes are
+    read back from the device (a sync on GPU).
+    """
+    sizes, global_modality = all_gather_host(modality if host_modality is None else host_modality, group)
     dim = media.shape[1]
     local = torch.cat([F.normalize(_upcast(media), dim=-1), F.normalize(_upcast(text), dim=-1)], dim=1)
     both = gather_with_grad(local, sizes, group)
@@ -81,6 +88,7 @@ def gather_batch(
         media=both[:, :dim],
         text=both[:, dim:],
         modality=meta[:, 0],
+        host_modality=global_modality,
         ids=meta[:, 1:],
         offset=sum(sizes[:rank_index]),
         count=sizes[rank_index],
@@ -114,8 +122,15 @@ class _Pair:
     """Positions (within the pair) of this rank's rows; also their positive index."""
 
 
-def _generator(device: torch.device, *parts: int) -> torch.Generator:
-    """A generator seeded from (seed, step, rank, pair, direction)."""
+def pair_rows(batch: GatheredBatch, code: int) -> Tensor:
+    """Global rows (host int64) of modality `code`, in rank order."""
+    return (batch.host_modality == code).nonzero().squeeze(1)
+
+
+def _generator(device: torch.device, *parts: int) -> torch.Generator | None:
+    """A generator seeded from (seed, step, rank, pair, direction); none on the meta device (shapes only)."""
+    if device.type == "meta":
+        return None
     return torch.Generator(device=device).manual_seed(joined_seed(*parts))
 
 
@@ -130,8 +145,9 @@ class ContrastiveLoss(nn.Module):
         self.logit_scale = nn.Parameter(init, requires_grad=config.learn_temperature)
 
     def scale(self) -> Tensor:
-        """exp(logit_scale) clamped in the forward (an in-place clamp would be undone by ZeRO-3)."""
-        return self.logit_scale.exp().clamp(max=self.config.max_logit_scale).squeeze(0)
+        """exp(logit_scale) clamped in the forward (an in-place clamp would be undone by ZeRO-3), in float32 at
+        least: under bf16 training the parameter is bf16, and exp in bf16 would round the temperature by up to 0.2%."""
+        return _upcast(self.logit_scale).exp().clamp(max=self.config.max_logit_scale).squeeze(0)
 
     def _match_ids(self, pair: _Pair, queue_ids: Tensor) -> tuple[MatchIds, MatchIds]:
         """Exclude ids (key; plus group/caption without multi-positive) and share ids.
@@ -184,11 +200,13 @@ class ContrastiveLoss(nn.Module):
         anchor = 0.0 * (batch.media.sum() + batch.text.sum())
         result = ContrastiveResult(loss=anchor)
         for code, name in enumerate(PAIRS):
-            rows = (batch.modality == code).nonzero().squeeze(1)
-            if rows.numel() == 0:
+            host_rows = pair_rows(batch, code)
+            if host_rows.numel() == 0:
                 continue
-            in_rank = (rows >= batch.offset) & (rows < batch.offset + batch.count)
-            pair = _Pair(batch.media[rows], batch.text[rows], batch.ids[rows], in_rank.nonzero().squeeze(1))
+            in_rank = (host_rows >= batch.offset) & (host_rows < batch.offset + batch.count)
+            rows = host_rows.to(batch.media.device, non_blocking=True)
+            local = in_rank.nonzero().squeeze(1).to(batch.media.device, non_blocking=True)
+            pair = _Pair(batch.media[rows], batch.text[rows], batch.ids[rows], local)
             dim = pair.media.shape[1]
             empty = pair.media.new_empty(0, dim)
             queue_media, queue_text, queue_ids = (
@@ -205,7 +223,7 @@ class ContrastiveLoss(nn.Module):
             result.pair_losses[name] = loss
             positive_sim = (pair.media[pair.local] * pair.text[pair.local]).sum(1).detach()
             result.metrics.update(similarity_report(positive_sim, m2t_stats, f"sim/{name}"))
-            result.metrics[f"contrastive/{name}/samples"] = torch.tensor(float(rows.numel()))
+            result.metrics[f"contrastive/{name}/samples"] = torch.tensor(float(host_rows.numel()))
         if result.pair_losses:
             result.loss = anchor + torch.stack(list(result.pair_losses.values())).mean()
         result.metrics["contrastive/logit_scale"] = self.scale().detach()

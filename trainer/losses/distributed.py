@@ -1,9 +1,10 @@
 """Collectives for the losses: variable-size gathers (with and without gradient) and sums.
 
 Every function is a no-op on one process (torch.distributed not initialised). Ranks may hold
-different row counts, zero included: sizes are all-gathered first, rows padded to the largest,
-gathered, then un-padded. Callers must issue the same collectives in the same order on every
-rank, whatever their data.
+different row counts, zero included: sizes travel with the host-side metadata (a gloo group over the
+same ranks, so the device is never read back), rows are padded to the largest, gathered, then
+un-padded. Callers must issue the same collectives in the same order on every rank, whatever their
+data.
 
 Gradient convention: a loss term that is a mean over the global batch is returned on each rank
 as `world_size * (sum over local rows) / global_count`; DeepSpeed's gradient averaging over
@@ -33,14 +34,36 @@ def rank(group: ProcessGroup | None = None) -> int:
     return dist.get_rank(group) if is_distributed() else 0
 
 
-def all_gather_sizes(count: int, device: torch.device, group: ProcessGroup | None = None) -> list[int]:
-    """Every rank's row count, in rank order."""
+_HOST_GROUPS: dict[tuple[int, ...], ProcessGroup] = {}
+
+
+def host_group(group: ProcessGroup | None = None) -> ProcessGroup | None:
+    """A gloo group over `group`'s ranks for host-side metadata: `group` itself when it already is gloo.
+
+    Created on first use; every rank reaches it at the same point (the first loss of the run).
+    """
+    if dist.get_backend(group) == dist.Backend.GLOO:
+        return group
+    ranks = tuple(dist.get_process_group_ranks(group or dist.group.WORLD))
+    if ranks not in _HOST_GROUPS:
+        _HOST_GROUPS[ranks] = dist.new_group(list(ranks), backend="gloo")
+    return _HOST_GROUPS[ranks]
+
+
+def all_gather_host(values: Tensor, group: ProcessGroup | None = None) -> tuple[list[int], Tensor]:
+    """Every rank's host (CPU) int64 vector `values`: (their lengths in rank order, their concatenation).
+
+    Host to host over gloo, so a step that needs the global batch's shape never waits for the device.
+    """
+    values = values.detach().to("cpu", torch.long)
     if not is_distributed():
-        return [count]
-    local = torch.tensor([count], dtype=torch.long, device=device)
-    out = [torch.empty_like(local) for _ in range(world_size(group))]
-    dist.all_gather(out, local, group=group)
-    return [int(t.item()) for t in out]
+        return [values.numel()], values
+    gloo = host_group(group)
+    count = torch.tensor([values.numel()], dtype=torch.long)
+    counts = [torch.empty_like(count) for _ in range(world_size(group))]
+    dist.all_gather(counts, count, group=gloo)
+    sizes = [int(c) for c in counts]
+    return sizes, _gather_padded(values, sizes, gloo)
 
 
 def _gather_padded(x: Tensor, sizes: list[int], group: ProcessGroup | None) -> Tensor:

@@ -19,7 +19,7 @@ from plait.data.rng import key_ids
 from plait.trainer.losses.balance import balance_losses
 from plait.trainer.losses.caption import caption_loss
 from plait.trainer.losses.config import LossConfig, check_weights
-from plait.trainer.losses.contrastive import PAIRS, ContrastiveLoss, GatheredBatch, gather_batch
+from plait.trainer.losses.contrastive import PAIRS, ContrastiveLoss, GatheredBatch, gather_batch, pair_rows
 from plait.trainer.losses.distributed import rank as dist_rank
 from plait.trainer.losses.queue import QueueBank
 from plait.trainer.model.routing import RouterOutput
@@ -49,6 +49,8 @@ class ObjectiveInputs:
     """[M] int64 caption tokens to predict (ignore_index where not a caption token)."""
     router_outputs: list[RouterOutput] = field(default_factory=list)
     """Routing of every MoME layer (same number of layers on every rank)."""
+    host_modality: Tensor | None = None
+    """`modality` on the host (CPU), so the losses never read it back from the device; None: read it back."""
 
 
 @dataclass
@@ -88,11 +90,10 @@ class Objective(nn.Module):
 
     def _ids(self, inputs: ObjectiveInputs) -> Tensor:
         """[N, 3] (key hash, group, caption id) on the embeddings' device."""
-        n = inputs.media_embeds.shape[0]
-        caption = inputs.caption_id if inputs.caption_id is not None else torch.full((n,), -1)
-        keys = key_ids(inputs.sample_key).view(n)
-        cols = [keys, inputs.group.view(n).cpu(), caption.view(n).cpu()]
-        return torch.stack(cols, dim=1).to(inputs.media_embeds.device)
+        n, device = inputs.media_embeds.shape[0], inputs.media_embeds.device
+        caption = inputs.caption_id if inputs.caption_id is not None else torch.full((n,), -1, device=device)
+        keys = key_ids(inputs.sample_key).view(n).to(device, non_blocking=True)
+        return torch.stack([keys, inputs.group.view(n).to(device), caption.view(n).to(device)], dim=1)
 
     def _caption(self, inputs: ObjectiveInputs) -> Tensor:
         """Caption CE (a graph-connected zero with an all-reduce when this rank has no captions)."""
@@ -106,7 +107,7 @@ class Objective(nn.Module):
     def _enqueue(self, batch: GatheredBatch, step: int) -> None:
         """Push the global batch into each pair's queue."""
         for code, name in enumerate(PAIRS):
-            rows = batch.modality == code
+            rows = pair_rows(batch, code).to(batch.media.device, non_blocking=True)
             self.queues[name].enqueue(batch.media[rows].detach(), batch.text[rows].detach(), batch.ids[rows], step)
 
     def forward(
@@ -119,7 +120,8 @@ class Objective(nn.Module):
     ) -> ObjectiveOutput:
         """All losses of one micro-batch; `weights` and `hard_fraction` come from the curriculum."""
         merged = self.weights(weights)
-        batch = gather_batch(inputs.media_embeds, inputs.text_embeds, inputs.modality, self._ids(inputs), self.group)
+        batch = gather_batch(inputs.media_embeds, inputs.text_embeds, inputs.modality, self._ids(inputs), self.group,
+                             inputs.host_modality)
         contrastive = self.contrastive(
             batch, self.queues, step=step, rank=dist_rank(self.group), hard_fraction=hard_fraction
         )

@@ -21,7 +21,7 @@ from plait.data.batch import TOKEN_MODALITIES, PackedBatch, PackedStream, token_
 from plait.data.sizing import SizingConfig
 from plait.kernels.attention import Backend, varlen_attention
 from plait.trainer.model.config import EncoderConfig, MoMEConfig
-from plait.trainer.model.mome import MoMELayer, RoutingContext
+from plait.trainer.model.mome import MoMELayer, RoutingContext, full_parameters
 
 STREAMS = ("vision", "audio")
 """Encoder streams, in the order their tokens are concatenated."""
@@ -88,8 +88,10 @@ class StreamEmbedding(nn.Module):
         self.patch_dim = patch_dim
         self.proj = nn.Linear(patch_dim, dim)
         self.pos_t, self.pos_h, self.pos_w = (nn.Embedding(n, dim) for n in max_grid)
-        for table in (self.pos_t, self.pos_h, self.pos_w):
-            nn.init.normal_(table.weight, std=0.02)
+        tables = (self.pos_t, self.pos_h, self.pos_w)
+        with full_parameters([t.weight for t in tables], write=True):
+            for table in tables:
+                nn.init.normal_(table.weight, std=0.02)
 
     def forward(self, patches: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """Embeddings `[T, dim]` of `patches [T, patch_dim]` at grid `coords [T, 3]`."""
@@ -151,7 +153,8 @@ class Encoder(nn.Module):
         self.vision = StreamEmbedding(sizing.vision_channels, cfg.dim, cfg.vision_max_grid)
         self.audio = StreamEmbedding(sizing.audio_channels, cfg.dim, cfg.audio_max_grid)
         self.modality_embed = nn.Embedding(len(TOKEN_MODALITIES), cfg.dim)
-        nn.init.normal_(self.modality_embed.weight, std=0.02)
+        with full_parameters([self.modality_embed.weight], write=True):
+            nn.init.normal_(self.modality_embed.weight, std=0.02)
         self.blocks = nn.ModuleList()
         for i in range(cfg.depth):
             ffn = FeedForward(cfg.dim, cfg.ffn_hidden)

@@ -11,17 +11,20 @@ transformers' block-diagonal mask, `flash_attention_2` its own varlen path.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PreTrainedModel
-from transformers.masking_utils import AttentionMaskInterface
+from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+from transformers.integrations.deepspeed import prevent_arange_dtype_change
 
 from plait.data.batch import TEXT_TOKEN
 from plait.kernels.attention import Backend, varlen_attention
 from plait.kernels.segments import cu_from_starts, segment_positions
 from plait.trainer.model.config import LLMConfig, MoMEConfig
-from plait.trainer.model.mome import MoMELayer, RoutingContext
+from plait.trainer.model.mome import MoMELayer, RoutingContext, full_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +54,72 @@ def plait_varlen_attention(
     return out.unsqueeze(0), None
 
 
-def _no_mask(*args, **kwargs) -> None:
-    """plait_varlen needs no mask: sequence bounds travel as cu_seqlens."""
-    return None
-
-
+# No mask function is registered: transformers then builds no mask and does not look for packed sequences in
+# the position ids (a device-to-host read every forward); the sequence bounds travel as cu_seqlens instead.
 AttentionInterface.register(PLAIT_VARLEN, plait_varlen_attention)
-AttentionMaskInterface.register(PLAIT_VARLEN, _no_mask)
+
+
+class _Zero3Config:
+    """What transformers asks of its `HfDeepSpeedConfig` (which needs accelerate): the config dict and its stage."""
+
+    def __init__(self, config: dict) -> None:
+        self.config = config
+
+    def is_zero3(self) -> bool:
+        """Whether the config partitions parameters."""
+        return self.config.get("zero_optimization", {}).get("stage") == 3
+
+
+_zero3: _Zero3Config | None = None
+"""The config transformers sees while `transformers_zero3` runs (it keeps only a weak reference)."""
+
+
+@contextmanager
+def transformers_zero3(ds_config: dict) -> Iterator[None]:
+    """Let transformers see ZeRO-3 while the model is built under `deepspeed.zero.Init(ds_config)` (enter it first).
+
+    `from_pretrained` then creates the LLM partitioned and only rank 0 reads checkpoint values, module by module
+    (transformers' own ZeRO-3 loading); the other ranks read shapes only. As in that path, float `torch.arange`
+    (RoPE frequencies) keeps its dtype instead of taking zero.Init's.
+    """
+    global _zero3
+    _zero3 = _Zero3Config(ds_config)
+    set_hf_deepspeed_config(_zero3)
+    try:
+        with prevent_arange_dtype_change():
+            yield
+    finally:
+        unset_hf_deepspeed_config()
+        _zero3 = None
+
+
+@contextmanager
+def _seeded_init_partitioned() -> Iterator[None]:
+    """Build from a config under zero.Init with the random draws of a plain build: same seed, same weights.
+
+    transformers' own ZeRO-3 path skips torch's default init and re-initialises on rank 0 only (other draws, and
+    the other ranks' generators left behind). Instead it is told nothing, and each `_initialize_weights` call runs
+    on its module's gathered parameters (with its children's, which `_init_weights` may touch).
+    """
+    if _zero3 is None:
+        yield
+        return
+    holder, original = _zero3, PreTrainedModel._initialize_weights
+
+    def gathered(self: PreTrainedModel, module: nn.Module, is_custom_code: bool = False) -> None:
+        if getattr(module, "_is_hf_initialized", False):
+            return
+        params = [p for m in (module, *module.children()) for p in m.parameters(recurse=False)]
+        with full_parameters(params, write=True):
+            original(self, module, is_custom_code)
+
+    unset_hf_deepspeed_config()
+    PreTrainedModel._initialize_weights = gathered
+    try:
+        yield
+    finally:
+        PreTrainedModel._initialize_weights = original
+        set_hf_deepspeed_config(holder)
 
 
 def build_causal_lm(cfg: LLMConfig, backend: Backend = "auto", load_weights: bool = True) -> PreTrainedModel:
@@ -65,14 +127,18 @@ def build_causal_lm(cfg: LLMConfig, backend: Backend = "auto", load_weights: boo
 
     `backend` is the varlen path `plait_varlen` attention takes (stored on the config, read per call).
     `load_weights=False` builds `name_or_path`'s architecture only (its weights come from elsewhere).
+    Under `transformers_zero3` and zero.Init every parameter is created partitioned, with the values a plain
+    build gives.
     """
     if cfg.name_or_path and load_weights:
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path)
-    elif cfg.name_or_path:
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.name_or_path))
     else:
-        config = AutoConfig.for_model(cfg.model_type, **cfg.model_kwargs)
-        model = AutoModelForCausalLM.from_config(config)
+        if cfg.name_or_path:
+            config = AutoConfig.from_pretrained(cfg.name_or_path)
+        else:
+            config = AutoConfig.for_model(cfg.model_type, **cfg.model_kwargs)
+        with _seeded_init_partitioned():
+            model = AutoModelForCausalLM.from_config(config)
     model.set_attn_implementation(cfg.attn_implementation)
     model.config.use_cache = False
     model.config.plait_attention_backend = backend
@@ -130,7 +196,8 @@ class PackedCausalLM(nn.Module):
             self._set_modality(torch.full_like(positions, TEXT_TOKEN))
             return self._hidden(dummy, positions, positions.new_tensor([0, 1]), 1)[:0]
         self._set_modality(modality)
-        return self._hidden(inputs_embeds, segment_positions(cu_seqlens), cu_seqlens, max_seqlen)
+        positions = segment_positions(cu_seqlens, inputs_embeds.shape[0])
+        return self._hidden(inputs_embeds, positions, cu_seqlens, max_seqlen)
 
     def _set_modality(self, modality: torch.Tensor) -> None:
         """Hand token modalities to the MoME layers (HF calls `mlp(hidden)` with nothing else)."""

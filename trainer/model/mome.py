@@ -14,7 +14,7 @@ shared `RoutingContext` that the multimodal model fills before each forward; lay
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 
 from plait.data.batch import TOKEN_MODALITIES
 from plait.kernels.moe import combine, dispatch, expert_capacity, ffn_rows, grouped_ffn, permute
+from plait.kernels.segments import index_counts
 from plait.trainer.model.config import MoMEConfig
 from plait.trainer.model.routing import RouterOutput
 
@@ -64,20 +65,24 @@ class ModalityRouter(nn.Module):
         self.proj = nn.Linear(dim, out, bias=False)
         self.modality_embed = nn.Embedding(modalities, dim) if cfg.router == "modality_embedding" else None
         self.bias = nn.Parameter(torch.zeros(modalities, experts)) if cfg.router_bias else None
-        nn.init.normal_(self.proj.weight, std=cfg.init_std)
-        if self.modality_embed is not None:
-            nn.init.normal_(self.modality_embed.weight, std=cfg.init_std)
+        tables = [self.proj] + ([self.modality_embed] if self.modality_embed is not None else [])
+        with full_parameters([t.weight for t in tables], write=True):
+            for table in tables:
+                nn.init.normal_(table.weight, std=cfg.init_std)
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
-        """Logits of tokens `x [T, D]` with modality codes `modality [T]`."""
+        """Logits of tokens `x [T, D]` with modality codes `modality [T]`, in at least fp32 whatever the training
+        dtype (routing and the balance and z losses hinge on small logit differences)."""
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        weight = self.proj.weight.to(x.dtype)
         if self.modality_embed is not None:
-            logits = self.proj(x + self.modality_embed(modality))
+            logits = nn.functional.linear(x + self.modality_embed(modality).to(x.dtype), weight)
         else:
-            every = self.proj(x).view(x.shape[0], len(TOKEN_MODALITIES), self.num_experts)
+            every = nn.functional.linear(x, weight).view(x.shape[0], len(TOKEN_MODALITIES), self.num_experts)
             index = modality.view(-1, 1, 1).expand(-1, 1, self.num_experts)
             logits = every.gather(1, index).squeeze(1)
         if self.bias is not None:
-            logits = logits + self.bias[modality]
+            logits = logits + self.bias[modality].to(x.dtype)
         return logits
 
 
@@ -124,9 +129,14 @@ class MoMELayer(nn.Module):
 
     @classmethod
     def from_dense(cls, mlp: nn.Module, cfg: MoMEConfig, context: RoutingContext | None = None) -> MoMELayer:
-        """Replace a dense FFN (HF gated MLP or plait FeedForward), upcycling its weights when configured."""
-        w_in, w_out, activation, gated = dense_ffn_weights(mlp)
-        return cls(w_in, w_out, copy.deepcopy(activation), gated, cfg, context)
+        """Replace a dense FFN (HF gated MLP or plait FeedForward), upcycling its weights when configured.
+
+        Under zero.Init the dense weights are already partitioned: they are gathered (read only) while the
+        experts copy them, and the new layer's own parameters are partitioned when its construction ends.
+        """
+        with full_parameters(mlp.parameters()):
+            w_in, w_out, activation, gated = dense_ffn_weights(mlp)
+            return cls(w_in, w_out, copy.deepcopy(activation), gated, cfg, context)
 
     def forward(self, hidden: torch.Tensor, modality: torch.Tensor | None = None) -> torch.Tensor:
         """FFN output, same shape as `hidden [..., D]`; `modality` (flat token codes) defaults to the context's."""
@@ -136,8 +146,7 @@ class MoMELayer(nn.Module):
             modality = self.context.modality
         x = hidden.reshape(-1, hidden.shape[-1])
         logits = self.router(x, modality)
-        # Route in at least fp32 even when the model runs in bf16.
-        probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
+        probs = logits.softmax(-1)
         weights, experts = probs.topk(self.cfg.top_k, dim=-1)
         if self.cfg.normalize_topk:
             weights = weights / weights.sum(-1, keepdim=True)
@@ -148,8 +157,8 @@ class MoMELayer(nn.Module):
         if self.shared_w_in is not None:
             out = out + ffn_rows(x, self.shared_w_in, self.shared_w_out, self.activation, self.gated)
         if self.context is not None:
-            dropped = int(plan.dropped) if capacity is not None else 0
-            self.context.report(RouterOutput(logits=logits, topk_experts=experts, modality=modality, dropped=dropped))
+            self.context.report(RouterOutput(logits=logits, topk_experts=experts, modality=modality,
+                                             dropped=plan.dropped if capacity is not None else None))
         return out.view(hidden.shape)
 
 
@@ -157,7 +166,25 @@ def assignment_counts(output: RouterOutput, num_experts: int) -> torch.Tensor:
     """[len(TOKEN_MODALITIES), E] int64: token-expert assignments per token modality and expert (before drops)."""
     modalities = len(TOKEN_MODALITIES)
     flat = output.modality[:, None] * num_experts + output.topk_experts
-    return torch.bincount(flat.reshape(-1), minlength=modalities * num_experts).view(modalities, num_experts)
+    return index_counts(flat, modalities * num_experts).view(modalities, num_experts)
+
+
+@contextmanager
+def full_parameters(params: Iterable[nn.Parameter], write: bool = False) -> Iterator[None]:
+    """Inside the block, `params` hold their full values even when zero.Init has already partitioned them.
+
+    For init code that reads or writes a submodule's parameters after that submodule was built. With `write`,
+    rank 0's values are kept (every rank computes the same ones from the same seed, so the random draws stay
+    in step). Outside ZeRO-3 it does nothing, so a plain build is exactly what it was.
+    """
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0 if write else None):
+        yield
 
 
 def mark_zero3_leaf_modules(model: nn.Module) -> None:

@@ -41,8 +41,9 @@ class ModelOutput:
     """[M] int64 caption token ids the logits predict."""
     router_outputs: list[RouterOutput] = field(default_factory=list)
     """One per MoME layer run in this pass (encoder layers first, then LLM layers)."""
-    counters: dict[str, int] = field(default_factory=dict)
-    """`encoder_tokens`, `llm_tokens`, `dropped_assignments` (capacity drops over all MoME layers)."""
+    counters: dict[str, int | torch.Tensor] = field(default_factory=dict)
+    """`encoder_tokens`, `llm_tokens` (ints), `dropped_assignments` (capacity drops over all MoME layers, a
+    device scalar: read only when logging)."""
 
 
 @dataclass
@@ -59,27 +60,30 @@ class LLMPacking:
     """Row order: `row = cat([latents, captions, captions])[index]`."""
 
 
-def pack_text_only(caption_cu: torch.Tensor) -> LLMPacking:
+def pack_text_only(caption_cu: torch.Tensor, total_captions: int) -> LLMPacking:
     """Layout of [caption_i] for all i: no captioning sequences (`index` orders the captions themselves)."""
     caption_cu = caption_cu.long()
     return LLMPacking(
         cu_seqlens=caption_cu,
         caption_positions=caption_cu.new_zeros(0),
         text_last=caption_cu[1:] - 1,
-        index=torch.arange(int(caption_cu[-1]), device=caption_cu.device),
+        index=torch.arange(total_captions, device=caption_cu.device),
     )
 
 
-def pack_llm_inputs(num_samples: int, num_latents: int, caption_cu: torch.Tensor) -> LLMPacking:
-    """Layout of [latents_i ; caption_i] for all i, followed by [caption_i] for all i."""
+def pack_llm_inputs(num_samples: int, num_latents: int, caption_cu: torch.Tensor, total_captions: int) -> LLMPacking:
+    """Layout of [latents_i ; caption_i] for all i, followed by [caption_i] for all i.
+
+    Sizes come from the host (`total_captions` = caption tokens), so building it never waits on the device.
+    """
     caption_cu = caption_cu.long()
     latent_cu = torch.arange(num_samples + 1, device=caption_cu.device) * num_latents
-    index, captioning_cu = concat_segments_index(latent_cu, caption_cu)
-    captioned = int(captioning_cu[-1])
-    total_captions = int(caption_cu[-1])
+    latent_rows = num_samples * num_latents
+    index, captioning_cu = concat_segments_index(latent_cu, caption_cu, latent_rows, total_captions)
+    captioned = latent_rows + total_captions
     inverse = torch.empty_like(index)
     inverse[index] = torch.arange(index.numel(), device=index.device)
-    caption_positions = inverse[num_samples * num_latents :]
+    caption_positions = inverse[latent_rows:]
     text_rows = torch.arange(total_captions, device=index.device) + index.numel()
     return LLMPacking(
         cu_seqlens=torch.cat([captioning_cu, caption_cu[1:] + captioned]),
@@ -113,23 +117,25 @@ class MultimodalModel(nn.Module):
         with self.routing.record() as router_outputs:
             encoded = self.encoder(batch)
             n = batch.num_samples
-            resampled = self.resampler(encoded.tokens, encoded.seg, n)
-            caption_ids = batch.caption_ids.to(encoded.seg.device)
+            resampled = self.resampler(encoded.tokens, encoded.seg, n, batch.max_media_tokens)
+            caption_ids = batch.caption_ids
             captions = self.llm.embed(caption_ids)
             text_codes = torch.full_like(caption_ids, TEXT_TOKEN)
-            caption_cu = batch.caption_cu_seqlens.to(caption_ids.device)
+            caption_cu = batch.caption_cu_seqlens
+            total, longest = caption_ids.shape[0], batch.caption_max_seqlen
             if captioning:
                 k = self.cfg.resampler.num_latents
-                packing = pack_llm_inputs(n, k, caption_cu)
+                packing = pack_llm_inputs(n, k, caption_cu, total)
+                longest = longest + k if n else 0
                 latents = resampled.latents.reshape(n * k, captions.shape[1]).to(captions.dtype)
                 row = torch.cat([latents, captions, captions])[packing.index]
-                media_codes = token_code(batch.modality.to(caption_ids.device)).repeat_interleave(k)
+                media_codes = token_code(batch.modality).repeat_interleave(k)
                 modality = torch.cat([media_codes, text_codes, text_codes])[packing.index]
                 targets = caption_ids
             else:
-                packing = pack_text_only(caption_cu)
+                packing = pack_text_only(caption_cu, total)
                 row, modality, targets = captions, text_codes, caption_ids[:0]
-            hidden = self.llm(row, packing.cu_seqlens, _max_seqlen(packing.cu_seqlens), modality)
+            hidden = self.llm(row, packing.cu_seqlens, longest, modality)
             caption_rows = hidden[packing.caption_positions - 1]
             if not captioning:
                 # No rows, but the latents stay in the graph: every parameter gets a (zero) gradient every
@@ -140,7 +146,8 @@ class MultimodalModel(nn.Module):
         counters = {
             "encoder_tokens": int(encoded.tokens.shape[0]),
             "llm_tokens": int(row.shape[0]),
-            "dropped_assignments": sum(r.dropped for r in router_outputs),
+            "dropped_assignments": sum((r.dropped for r in router_outputs if r.dropped is not None),
+                                       torch.zeros((), dtype=torch.long, device=row.device)),
         }
         return ModelOutput(resampled.media_embeds, text_embeds, caption_logits, targets,
                            list(router_outputs), counters)
@@ -152,16 +159,12 @@ class MultimodalModel(nn.Module):
         For inference outside DeepSpeed; under ZeRO-3 every rank must run `forward`, which uses every module.
         """
         encoded = self.encoder(batch)
-        return self.resampler(encoded.tokens, encoded.seg, batch.num_samples).media_embeds
+        return self.resampler(encoded.tokens, encoded.seg, batch.num_samples, batch.max_media_tokens).media_embeds
 
     def embed_text(self, caption_ids: torch.Tensor, caption_cu: torch.Tensor) -> torch.Tensor:
         """[N, embed_dim] text embeddings (not normalised): the LLM over the text-only sequences, as in `forward`."""
-        packing = pack_text_only(caption_cu.to(caption_ids.device))
-        hidden = self.llm(self.llm.embed(caption_ids), packing.cu_seqlens, _max_seqlen(packing.cu_seqlens),
+        longest = int(cu_to_lengths(caption_cu).max()) if caption_cu.numel() > 1 else 0
+        packing = pack_text_only(caption_cu.to(caption_ids.device), caption_ids.shape[0])
+        hidden = self.llm(self.llm.embed(caption_ids), packing.cu_seqlens, longest,
                           torch.full_like(caption_ids, TEXT_TOKEN))
         return self.llm.text_projection(hidden[packing.text_last])
-
-
-def _max_seqlen(cu_seqlens: torch.Tensor) -> int:
-    """Longest sequence of a packing (0 when it holds none)."""
-    return int(cu_to_lengths(cu_seqlens).max()) if cu_seqlens.numel() > 1 else 0

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from plait.kernels.attention import Backend, varlen_attention
-from plait.kernels.segments import concat_segments_index, lengths_to_cu
+from plait.kernels.segments import concat_segments_index, index_counts, lengths_to_cu
 from plait.trainer.model.config import ResamplerConfig
 from plait.trainer.model.encoder import FeedForward
 
@@ -25,6 +25,7 @@ class ResamplerLayer(nn.Module):
     def __init__(self, cfg: ResamplerConfig, backend: Backend) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
+        self.num_latents = cfg.num_latents
         self.head_dim = cfg.dim // cfg.num_heads
         self.backend = backend
         self.media_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
@@ -36,15 +37,20 @@ class ResamplerLayer(nn.Module):
         self.ffn = FeedForward(cfg.dim, cfg.ffn_hidden)
 
     def forward(
-        self, latents: torch.Tensor, cu_latents: torch.Tensor, media: torch.Tensor, cu_media: torch.Tensor
+        self, latents: torch.Tensor, cu_latents: torch.Tensor, media: torch.Tensor, cu_media: torch.Tensor,
+        max_media: int,
     ) -> torch.Tensor:
-        """Updated packed latents `[N*K, dim]` given packed media tokens `[T, dim]` grouped by sample."""
+        """Updated packed latents `[N*K, dim]` given packed media tokens `[T, dim]` grouped by sample.
+
+        `max_media` (host-side) is the most media tokens of one sample.
+        """
         queries = self.latent_norm(latents)
-        index, cu_keys = concat_segments_index(cu_media, cu_latents)
+        index, cu_keys = concat_segments_index(cu_media, cu_latents, media.shape[0], latents.shape[0])
         keys = torch.cat([self.media_norm(media), queries])[index]
         q = self.to_q(queries).view(queries.shape[0], self.num_heads, self.head_dim)
         k, v = self.to_kv(keys).view(keys.shape[0], 2, self.num_heads, self.head_dim).unbind(1)
-        attn = varlen_attention(q, k, v, cu_latents, cu_keys, backend=self.backend)
+        attn = varlen_attention(q, k, v, cu_latents, cu_keys, max_seqlen_q=self.num_latents,
+                                max_seqlen_k=max_media + self.num_latents, backend=self.backend)
         latents = latents + self.to_out(attn.reshape(latents.shape))
         return latents + self.ffn(self.ffn_norm(latents))
 
@@ -92,16 +98,19 @@ class Resampler(nn.Module):
         self.out_proj = nn.Linear(cfg.dim, llm_dim)
         self.media_head = nn.Linear(cfg.dim, embed_dim, bias=False)
 
-    def forward(self, tokens: torch.Tensor, seg: torch.Tensor, num_samples: int) -> ResamplerOutput:
-        """Resample encoder `tokens [T, encoder_dim]` owned by samples `seg [T]` (any order) into N x K latents."""
+    def forward(self, tokens: torch.Tensor, seg: torch.Tensor, num_samples: int, max_media: int) -> ResamplerOutput:
+        """Resample encoder `tokens [T, encoder_dim]` owned by samples `seg [T]` (any order) into N x K latents.
+
+        `max_media` (host-side, `PackedBatch.max_media_tokens`) is the most tokens one sample has.
+        """
         order = torch.argsort(seg, stable=True)
-        cu_media = lengths_to_cu(torch.bincount(seg, minlength=num_samples))
+        cu_media = lengths_to_cu(index_counts(seg, num_samples))
         media = self.input_proj(tokens[order])
         k = self.cfg.num_latents
         cu_latents = torch.arange(num_samples + 1, device=seg.device) * k
         dim = self.cfg.dim
         latents = self.latents(num_samples)
         for layer in self.layers:
-            latents = layer(latents, cu_latents, media, cu_media)
+            latents = layer(latents, cu_latents, media, cu_media, max_media)
         latents = self.norm(latents).view(num_samples, k, dim)
         return ResamplerOutput(self.out_proj(latents), self.media_head(latents.mean(dim=1)))

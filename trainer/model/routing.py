@@ -17,5 +17,5 @@ class RouterOutput:
     """[T, k] int64 experts each token was routed to (before capacity drops)."""
     modality: torch.Tensor
     """[T] int64 token modality code (index into `plait.data.batch.TOKEN_MODALITIES`)."""
-    dropped: int = 0
-    """Token-expert assignments dropped by the capacity limit."""
+    dropped: torch.Tensor | None = None
+    """Scalar int64 (on the device): token-expert assignments dropped by the capacity limit; None without one."""
