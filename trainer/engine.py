@@ -58,14 +58,13 @@ class TrainModule(nn.Module):
         inputs = ObjectiveInputs(
             media_embeds=out.media_embeds,
             text_embeds=out.text_embeds,
-            modality=batch.modality,
+            modality=batch.host_modality,
             sample_key=batch.sample_key,
             group=batch.group,
             caption_id=batch.caption_key,
             caption_logits=out.caption_logits,
             caption_targets=out.caption_targets,
             router_outputs=out.router_outputs,
-            host_modality=batch.host_modality,
         )
         result = self.objective(inputs, step=step, weights=weights, hard_fraction=hard_fraction)
         experts = self.model.cfg.mome.num_experts

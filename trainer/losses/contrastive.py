@@ -42,9 +42,8 @@ class GatheredBatch:
     text: Tensor
     """[Ng, D] L2-normalised text embeddings."""
     modality: Tensor
-    """[Ng] int64 media modality code."""
-    host_modality: Tensor
-    """The same codes on the host (CPU): which pairs are present and where their rows are, without a sync."""
+    """[Ng] int64 media modality codes, on the host (CPU): which pairs are present and where their rows are,
+    known without a device sync."""
     ids: Tensor
     """[Ng, 3] int64 (key hash, group, caption id); -1 = none."""
     offset: int
@@ -71,25 +70,22 @@ def gather_batch(
     modality: Tensor,
     ids: Tensor,
     group: ProcessGroup | None = None,
-    host_modality: Tensor | None = None,
 ) -> GatheredBatch:
     """Normalise and gather every rank's rows: one gather with gradient, one without (ids).
 
-    `host_modality` is `modality` on the host (the trainer has it from the loader); without it the codes are
-    read back from the device (a sync on GPU).
+    `modality` is best given on the host (the trainer passes the loader's copy); codes on a device are read
+    back (a sync on GPU).
     """
-    sizes, global_modality = all_gather_host(modality if host_modality is None else host_modality, group)
+    sizes, global_modality = all_gather_host(modality, group)
     dim = media.shape[1]
     local = torch.cat([F.normalize(_upcast(media), dim=-1), F.normalize(_upcast(text), dim=-1)], dim=1)
     both = gather_with_grad(local, sizes, group)
-    meta = gather_no_grad(torch.cat([modality[:, None], ids], dim=1).to(media.device, torch.long), sizes, group)
     rank_index = dist_rank(group)
     return GatheredBatch(
         media=both[:, :dim],
         text=both[:, dim:],
-        modality=meta[:, 0],
-        host_modality=global_modality,
-        ids=meta[:, 1:],
+        modality=global_modality,
+        ids=gather_no_grad(ids.to(media.device, torch.long), sizes, group),
         offset=sum(sizes[:rank_index]),
         count=sizes[rank_index],
         sizes=sizes,
@@ -124,7 +120,7 @@ class _Pair:
 
 def pair_rows(batch: GatheredBatch, code: int) -> Tensor:
     """Global rows (host int64) of modality `code`, in rank order."""
-    return (batch.host_modality == code).nonzero().squeeze(1)
+    return (batch.modality == code).nonzero().squeeze(1)
 
 
 def _generator(device: torch.device, *parts: int) -> torch.Generator | None:

@@ -36,7 +36,8 @@ class ObjectiveInputs:
     text_embeds: Tensor
     """[N, D] text embeddings of the paired captions."""
     modality: Tensor
-    """[N] int64 media modality code (index into data.batch.MODALITIES)."""
+    """[N] int64 media modality code (index into data.batch.MODALITIES), best on the host: the losses read the
+    batch's composition from it (the trainer passes the loader's copy; device codes are read back)."""
     sample_key: list[str]
     """[N] sample keys (hashed; a queue entry with a current key is never a negative)."""
     group: Tensor
@@ -49,8 +50,6 @@ class ObjectiveInputs:
     """[M] int64 caption tokens to predict (ignore_index where not a caption token)."""
     router_outputs: list[RouterOutput] = field(default_factory=list)
     """Routing of every MoME layer (same number of layers on every rank)."""
-    host_modality: Tensor | None = None
-    """`modality` on the host (CPU), so the losses never read it back from the device; None: read it back."""
 
 
 @dataclass
@@ -120,8 +119,7 @@ class Objective(nn.Module):
     ) -> ObjectiveOutput:
         """All losses of one micro-batch; `weights` and `hard_fraction` come from the curriculum."""
         merged = self.weights(weights)
-        batch = gather_batch(inputs.media_embeds, inputs.text_embeds, inputs.modality, self._ids(inputs), self.group,
-                             inputs.host_modality)
+        batch = gather_batch(inputs.media_embeds, inputs.text_embeds, inputs.modality, self._ids(inputs), self.group)
         contrastive = self.contrastive(
             batch, self.queues, step=step, rank=dist_rank(self.group), hard_fraction=hard_fraction
         )
