@@ -50,6 +50,13 @@ class PackedStream:
     """Length of the longest attention segment."""
     num_padding: int = 0
     """Tail padding rows at the end of `patches`."""
+    samples: torch.Tensor | None = None
+    """[S] int64 host: batch position of each sample in the stream, ascending (the stream's sample order)."""
+    grids: torch.Tensor | None = None
+    """[S, 3] int64 host: each sample's full (t, h, w) grid size before token dropping (position tables are
+    resized to it)."""
+    kept: torch.Tensor | None = None
+    """[S] int64 host: tokens of each sample present in the stream (after dropping)."""
 
     @property
     def num_tokens(self) -> int:
@@ -110,7 +117,7 @@ class PackedBatch:
     def _map(self, move) -> PackedBatch:
         """The batch with `move` applied to every tensor; host metadata (counters, lengths, keys) carried over."""
         streams = {name: replace(s, patches=move(s.patches), coords=move(s.coords), seg=move(s.seg),
-                                 cu_seqlens=move(s.cu_seqlens)) for name, s in self.streams.items()}
+                                 cu_seqlens=move(s.cu_seqlens)) for name, s in self.streams.items()}  # host fields kept
         out = replace(self, streams=streams, modality=move(self.modality), group=move(self.group),
                       caption_ids=move(self.caption_ids), caption_cu_seqlens=move(self.caption_cu_seqlens))
         out.__dict__.update(caption_key=move(self.caption_key), host_modality=self.host_modality,

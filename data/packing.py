@@ -187,6 +187,10 @@ def build_stream(samples: Sequence[PatchedSample], indices: Sequence[int],
         cu_seqlens=cu_seqlens,
         max_seqlen=int(cu_to_lengths(cu_seqlens).max()) if num_tokens else 0,
         num_padding=padding,
+        samples=torch.as_tensor(indices, dtype=torch.long),
+        grids=torch.stack([s.coords.max(0).values + 1 if len(s.coords) else s.coords.new_zeros(3)
+                           for s in members]).to(torch.long),
+        kept=torch.from_numpy(kept),
     )
     return stream, int(sizes.sum() - kept.sum())
 

@@ -34,6 +34,9 @@ def _stream(specs: list[tuple[int, tuple[int, int, int]]], patch_dim: int, gen: 
         seg=torch.repeat_interleave(owners, lengths),
         cu_seqlens=lengths_to_cu(lengths).int(),
         max_seqlen=int(lengths.max()),
+        samples=owners,
+        grids=torch.tensor([grid for _, grid in specs], dtype=torch.long),
+        kept=lengths,
     )
 
 

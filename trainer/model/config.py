@@ -51,6 +51,15 @@ class MoMEConfig:
 
 
 @dataclass
+class TowerConfig:
+    """A pretrained Hugging Face encoder for one stream, run packed (varlen) with its own weights."""
+
+    pretrained: Optional[str] = None
+    """Hub name or local directory: SigLIP2 NaFlex, SigLIP or CLIP (vision), Whisper (audio); its processor
+    config gives the preprocessing. Null: plait's own packed encoder takes this stream."""
+
+
+@dataclass
 class EncoderConfig:
     """Packed NaViT-style transformer over the vision (images, video) and audio patch streams (patch sizes: data.sizing)."""
 
@@ -75,6 +84,10 @@ class EncoderConfig:
     """Recompute each block in the backward pass to save activation memory."""
     norm_eps: float = 1e-6
     """LayerNorm epsilon."""
+    vision: TowerConfig = field(default_factory=TowerConfig)
+    """Pretrained vision tower (images and video); its tokens are projected to `dim`."""
+    audio: TowerConfig = field(default_factory=TowerConfig)
+    """Pretrained audio tower; its tokens are projected to `dim`."""
 
     def __post_init__(self) -> None:
         check_positive(self, "dim", "depth", "num_heads", "ffn_hidden", "norm_eps")
@@ -125,6 +138,27 @@ def _tiny_llama() -> dict[str, int | float | str | bool]:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (peft LoRA) on the LLM's linear layers; the LLM's own weights stay frozen."""
+
+    r: int = 16
+    """Adapter rank."""
+    alpha: float = 32.0
+    """Scale numerator: adapter outputs are multiplied by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names (or suffixes) that get adapters; `all-linear` is every linear layer but the output head."""
+
+    def __post_init__(self) -> None:
+        check_positive(self, "r", "alpha")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("target_modules: name at least one module (or all-linear)")
+
+
+@dataclass
 class LLMConfig:
     """Causal LM: a hub checkpoint, or a model built from `model_type` + `model_kwargs` (tests, quickstart)."""
 
@@ -143,6 +177,8 @@ class LLMConfig:
     """Decoder layers whose MLP becomes a MoME layer."""
     gradient_checkpointing: bool = False
     """Recompute decoder layers in the backward pass (non-reentrant)."""
+    lora: Optional[LoRAConfig] = None
+    """LoRA adapters on the LLM (null: the LLM trains in full, unless a curriculum phase freezes it)."""
 
     def __post_init__(self) -> None:
         if not self.model_type:

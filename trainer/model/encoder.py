@@ -10,7 +10,7 @@ even when empty, so ZeRO-3 ranks run the same modules in the same order.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -135,9 +135,11 @@ def _real_part(stream: PackedStream | None, patch_dim: int, like: torch.Tensor) 
         return PackedStream(
             patches=like.new_zeros(0, patch_dim), coords=empty.view(0, 1).expand(0, 3), seg=empty,
             cu_seqlens=torch.zeros(1, dtype=torch.int32, device=like.device), max_seqlen=0,
+            samples=torch.zeros(0, dtype=torch.long), grids=torch.zeros(0, 3, dtype=torch.long),
+            kept=torch.zeros(0, dtype=torch.long),
         )
     n = stream.num_tokens
-    return PackedStream(stream.patches[:n], stream.coords[:n], stream.seg[:n], stream.cu_seqlens, stream.max_seqlen)
+    return replace(stream, patches=stream.patches[:n], coords=stream.coords[:n], seg=stream.seg[:n], num_padding=0)
 
 
 class Encoder(nn.Module):
@@ -170,9 +172,8 @@ class Encoder(nn.Module):
                  for name, emb in zip(STREAMS, (self.vision, self.audio))]
         if self.cfg.vision_input_norm == "sample":
             vision = parts[0]
-            parts[0] = PackedStream(standardize_per_sample(vision.patches, vision.seg, batch.num_samples,
-                                                           self.cfg.norm_eps),
-                                    vision.coords, vision.seg, vision.cu_seqlens, vision.max_seqlen)
+            parts[0] = replace(vision, patches=standardize_per_sample(vision.patches, vision.seg, batch.num_samples,
+                                                                      self.cfg.norm_eps))
         embedded = [emb(p.patches.to(like.dtype), p.coords) for emb, p in zip((self.vision, self.audio), parts)]
         seg = torch.cat([p.seg for p in parts])
         modality = token_code(batch.modality.to(seg.device)[seg]) if seg.numel() else seg

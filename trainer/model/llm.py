@@ -4,7 +4,7 @@ restarting per sequence, MoME FFNs swapped into chosen decoder layers.
 Cross-sequence isolation: transformers 5 only detects packing from `position_ids` when the cache is off
 (with it on, sequences silently attend to each other), so the cache is disabled in the config and in
 every call. With `attn_implementation="plait_varlen"` attention goes through plait's varlen dispatch
-(flash-attn / torch varlen on CUDA, bucketed SDPA on CPU, never a [T, T] mask); `sdpa` uses
+(`hf_attention`: flash-attn / torch varlen on CUDA, bucketed SDPA on CPU, never a [T, T] mask); `sdpa` uses
 transformers' block-diagonal mask, `flash_attention_2` its own varlen path.
 """
 
@@ -16,48 +16,18 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
 from transformers.integrations.deepspeed import prevent_arange_dtype_change
 
 from plait.data.batch import TEXT_TOKEN
-from plait.kernels.attention import Backend, varlen_attention
-from plait.kernels.segments import cu_from_starts, segment_positions
+from plait.kernels.attention import Backend
+from plait.kernels.segments import segment_positions
 from plait.trainer.model.config import LLMConfig, MoMEConfig
+from plait.trainer.model.hf_attention import VARLEN_KWARGS, varlen_kwargs
 from plait.trainer.model.mome import MoMELayer, RoutingContext, full_parameters
 
 logger = logging.getLogger(__name__)
-
-PLAIT_VARLEN = "plait_varlen"
-"""Name of plait's varlen attention in transformers' attention registry."""
-_VARLEN_KWARGS = ("plait_varlen", "flash_attention_2")
-
-
-def plait_varlen_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """transformers attention function: causal varlen attention over one packed row `[1, H, T, D]`."""
-    cu = kwargs.get("cu_seq_lens_q")
-    if cu is None:
-        cu = cu_from_starts(kwargs["position_ids"][0] == 0)
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-    out = varlen_attention(q, k, v, cu, max_seqlen_q=kwargs.get("max_length_q"),
-                           max_seqlen_k=kwargs.get("max_length_k"), causal=True, scale=scaling,
-                           backend=getattr(module.config, "plait_attention_backend", "auto"))
-    return out.unsqueeze(0), None
-
-
-# No mask function is registered: transformers then builds no mask and does not look for packed sequences in
-# the position ids (a device-to-host read every forward); the sequence bounds travel as cu_seqlens instead.
-AttentionInterface.register(PLAIT_VARLEN, plait_varlen_attention)
-
 
 class _Zero3Config:
     """What transformers asks of its `HfDeepSpeedConfig` (which needs accelerate): the config dict and its stage."""
@@ -206,10 +176,7 @@ class PackedCausalLM(nn.Module):
 
     def _hidden(self, embeds: torch.Tensor, positions: torch.Tensor, cu: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         """One decoder call on a packed row."""
-        kwargs = {}
-        if self.model.config._attn_implementation in _VARLEN_KWARGS:
-            cu = cu.to(torch.int32)
-            kwargs = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_seqlen, "max_length_k": max_seqlen}
+        kwargs = varlen_kwargs(cu, max_seqlen) if self.model.config._attn_implementation in VARLEN_KWARGS else {}
         out = self.model.get_decoder()(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False,
                                        **kwargs)
         return out.last_hidden_state[0]
