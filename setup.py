@@ -41,6 +41,7 @@ setup(
         "deepspeed>=0.15",
         "webdataset>=0.2.86",
         "transformers>=4.45",
+        "peft>=0.13",
         "tokenizers>=0.20",
         "mlflow>=2.16",
         "pyarrow>=15",

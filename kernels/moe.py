@@ -5,6 +5,9 @@ Capacity (when set) keeps, for every expert, first all first-choice assignments 
 second choices, and so on (so a token's top choice is the last to be dropped); assignments beyond the
 capacity are dropped and counted. A dropped assignment contributes nothing to its token's output.
 
+`grouped_ffn` runs each expert's FFN (gated or not, with or without biases) on its block: torch's grouped GEMM
+where it takes the operands, with nothing read on the host, else a loop over the blocks.
+
 `permute` / `combine` take the Triton kernels of `kernels.triton_moe` when triton is importable and the
 tensors are on CUDA (`backend="auto"`), the torch code here otherwise.
 """
@@ -101,24 +104,47 @@ def grouped_ffn(
     w_out: torch.Tensor,
     activation: Callable[[torch.Tensor], torch.Tensor],
     gated: bool,
+    b_in: torch.Tensor | None = None,
+    b_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Expert e's FFN on its block of `x` (`counts[e]` rows), for all e; weights are stacked per expert.
 
-    `w_in [E, F or 2F, D]` (gated: gate rows then up rows), `w_out [E, D, F]`. Every expert runs, even on
-    zero rows, so all expert weights are in the graph on every rank (ZeRO-3 needs identical work). Where
-    torch's grouped GEMM takes the operands it runs two grouped matmuls with the block offsets on the
-    device (no host sync); otherwise a loop over the blocks, which reads `counts` on the host.
+    `w_in [E, F or 2F, D]` (gated: gate rows then up rows), `w_out [E, D, F]`, optional biases `b_in [E, F or 2F]`,
+    `b_out [E, D]`. Every expert runs, even on zero rows, so all expert weights are in the graph on every rank
+    (ZeRO-3 needs identical work). Where torch's grouped GEMM takes the operands it runs two grouped matmuls with
+    the block offsets on the device and adds each row's expert bias by a device-side gather (no host sync);
+    otherwise a loop over the blocks, which reads `counts` on the host.
     """
     if grouped_mm_supported(x, w_in, w_out):
         offsets = torch.cumsum(counts, 0).to(torch.int32)
-        h = _ContiguousGrad.apply(torch.nn.functional.grouped_mm(x, w_in.transpose(1, 2), offs=offsets))
+        row_expert = _row_experts(counts, x.shape[0]) if b_in is not None or b_out is not None else None
+        h = _add_bias(_ContiguousGrad.apply(torch.nn.functional.grouped_mm(x, w_in.transpose(1, 2), offs=offsets)),
+                      b_in, row_expert)
         h = _activate(h, activation, gated)
-        return _ContiguousGrad.apply(torch.nn.functional.grouped_mm(h, w_out.transpose(1, 2), offs=offsets))
+        out = _ContiguousGrad.apply(torch.nn.functional.grouped_mm(h, w_out.transpose(1, 2), offs=offsets))
+        return _add_bias(out, b_out, row_expert)
     blocks = torch.split(x, counts.tolist())
     outs = [
-        ffn_rows(block, w_in[e], w_out[e], activation, gated) for e, block in enumerate(blocks)
+        ffn_rows(block, w_in[e], w_out[e], activation, gated, _expert(b_in, e), _expert(b_out, e))
+        for e, block in enumerate(blocks)
     ]
     return torch.cat(outs) if outs else x.new_zeros((0, w_out.shape[1]))
+
+
+def _row_experts(counts: torch.Tensor, rows: int) -> torch.Tensor:
+    """[rows] int64: the expert of each row of the expert-grouped block layout (no host read: `rows` is known)."""
+    experts = torch.arange(counts.shape[0], device=counts.device)
+    return torch.repeat_interleave(experts, counts, output_size=rows)
+
+
+def _add_bias(h: torch.Tensor, bias: torch.Tensor | None, row_expert: torch.Tensor | None) -> torch.Tensor:
+    """`h [A, N]` plus each row's expert bias (`bias [E, N]`); `h` unchanged without a bias."""
+    return h if bias is None else h + bias[row_expert]
+
+
+def _expert(bias: torch.Tensor | None, e: int) -> torch.Tensor | None:
+    """Expert e's row of a stacked bias, or None."""
+    return None if bias is None else bias[e]
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -165,9 +191,13 @@ def ffn_rows(
     w_out: torch.Tensor,
     activation: Callable[[torch.Tensor], torch.Tensor],
     gated: bool,
+    b_in: torch.Tensor | None = None,
+    b_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One FFN: `down(act(gate(x)) * up(x))` when gated (SwiGLU family), else `down(act(up(x)))`."""
-    return _activate(x @ w_in.t(), activation, gated) @ w_out.t()
+    """One FFN: `down(act(gate(x)) * up(x))` when gated (SwiGLU family), else `down(act(up(x)))`; optional
+    biases `b_in [F or 2F]`, `b_out [D]`."""
+    linear = torch.nn.functional.linear
+    return linear(_activate(linear(x, w_in, b_in), activation, gated), w_out, b_out)
 
 
 def reference_moe(

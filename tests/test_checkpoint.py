@@ -101,20 +101,17 @@ def test_sigkill_during_saves_leaves_a_loadable_latest(tmp_path: Path, demo_dir:
 
 
 def _check_export(run_dir: Path, out: Path, step: int) -> None:
-    """`plait export` of the run: the saved model's weights equal the checkpoint's; the LLM loads on its own."""
+    """`plait export` of the run: the saved model's weights equal the checkpoint's; no stock `llm/` (one MoME layer
+    of two has no Mixtral form; tests/test_export_hf.py checks the stock LLMs)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from safetensors.torch import load_file
 
     from plait.trainer.export import export
     from plait.trainer.model.pretrained import PretrainedModel
 
     written = export(run_dir, out)
-    assert written["step"] == step
+    assert written["step"] == step and written["llm"] is None and not (out / "llm").exists()
     trained = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag_of(step))
     model = PretrainedModel.from_pretrained(out).model.state_dict()
     assert len(model) > 10
     for name, value in model.items():
         assert torch.equal(value, trained["model." + name]), name
-    llm = load_file(out / "llm" / "model.safetensors")
-    for name, value in llm.items():
-        assert torch.equal(value, model["llm.model." + name]), name

@@ -1,5 +1,6 @@
 """configs/examples/: each cluster config resolves through `plait config show` with no hub access and holds the
-settings its header promises; the ~1B one is the model `plait bench gpu` and `make gpu-check` use."""
+settings its header promises; the ~1B one is the model `plait bench gpu` and `make gpu-check` use; the pretrained
+one is checked against real (tiny) checkpoints."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ import yaml
 
 from plait.trainer.bench import gpu
 from plait.trainer.config import load_config
+from pretrained_checkpoints import save_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "configs" / "examples"
 PROMISES = {
     "vlm-1b-1node.yaml": {"stage": 2, "checkpointing": False, "hub_llm": False},
     "vlm-7b-8nodes.yaml": {"stage": 3, "checkpointing": True, "hub_llm": True},
+    "pretrained.yaml": {"stage": 2, "checkpointing": False, "hub_llm": True},
 }
 """What each example's header says it is: ZeRO stage, activation checkpointing, LLM from the hub."""
 
@@ -73,3 +76,20 @@ def test_the_1b_example_is_about_one_billion_parameters_and_is_the_bench_model(m
     assert 0.9e9 < _parameters("vlm-1b-1node.yaml") < 1.3e9
     example = load_config(EXAMPLES / "vlm-1b-1node.yaml").model
     assert gpu.billion_config() == dataclasses.replace(example, attention_backend="auto")
+
+
+def test_the_pretrained_example_is_checked_against_its_checkpoints(tmp_path: Path) -> None:
+    """With tiny local checkpoints in place of the hub names, config load reads each one: the mel front end follows
+    Whisper's processor config, and a patch size the vision tower does not have stops with the field named."""
+    ckpts = save_checkpoints(tmp_path, patch_size=8, n_mels=64)
+    local = ["--set", f"model.llm.name_or_path={ckpts.llm}", "--set", f"model.encoder.vision.pretrained={ckpts.vision}",
+             "--set", f"model.encoder.audio.pretrained={ckpts.audio}", "--set", "data.sizing.max_audio_seconds=1",
+             "--set", "model.llm.mome_layers=[1]"]
+    show = [sys.executable, "-m", "plait.trainer", "config", "show", str(EXAMPLES / "pretrained.yaml"), *local]
+    proc = subprocess.run([*show, "--set", "data.sizing.patch_size=8"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    sizing = yaml.safe_load(proc.stdout)["data"]["sizing"]
+    assert sizing["n_mels"] == 64 and sizing["hop_ms"] == 10.0
+    proc = subprocess.run(show, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "data.sizing.patch_size: 16" in proc.stderr and "patch size 8" in proc.stderr

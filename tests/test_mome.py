@@ -172,3 +172,46 @@ def test_grouped_gemm_path_equals_each_expert_on_its_block(gated):
     got = torch.autograd.grad(out.sum(), (x, w_in, w_out))
     for g, w in zip(got, torch.autograd.grad(want.sum(), (x, w_in, w_out))):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def _phi_mlp() -> torch.nn.Module:
+    from transformers import PhiConfig
+    from transformers.models.phi.modeling_phi import PhiMLP
+
+    torch.manual_seed(0)
+    mlp = PhiMLP(PhiConfig(hidden_size=DIM, intermediate_size=HIDDEN)).double()
+    with torch.no_grad():
+        mlp.fc1.bias.normal_()
+        mlp.fc2.bias.normal_()
+    return mlp
+
+
+def test_parameters_of_a_bias_free_ffn_are_unchanged_and_biases_follow_the_weights():
+    plain = MoMELayer.from_dense(FeedForward(DIM, HIDDEN), MoMEConfig(shared_expert=True))
+    assert [n for n, _ in plain.named_parameters()] == ["w_in", "w_out", "shared_w_in", "shared_w_out",
+                                                        "router.proj.weight"]
+    biased = MoMELayer.from_dense(_phi_mlp(), MoMEConfig(shared_expert=True))
+    assert [n for n, _ in biased.named_parameters()] == ["w_in", "w_out", "b_in", "b_out", "shared_w_in",
+                                                         "shared_w_out", "shared_b_in", "shared_b_out",
+                                                         "router.proj.weight"]
+    assert biased.b_in.shape == (4, HIDDEN) and biased.b_out.shape == (4, DIM) and biased.dropout is None
+
+
+def test_biased_experts_and_shared_expert_each_equal_the_dense_mlp():
+    mlp = _phi_mlp()
+    layer = MoMELayer.from_dense(mlp, MoMEConfig(num_experts=4, top_k=2, shared_expert=True)).double()
+    x, modality = _tokens(13, 8)
+    # Routed experts (normalised gates) give the dense output once, the shared expert once more.
+    torch.testing.assert_close(layer(x, modality), 2 * mlp(x), atol=1e-12, rtol=1e-12)
+
+
+def test_gpt2_conv1d_mlp_upcycles_transposed_and_keeps_its_dropout():
+    from transformers import GPT2Config
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+
+    torch.manual_seed(0)
+    mlp = GPT2MLP(HIDDEN, GPT2Config(n_embd=DIM, resid_pdrop=0.25)).double().eval()
+    layer = MoMELayer.from_dense(mlp, MoMEConfig(num_experts=1, top_k=1)).double().eval()
+    assert isinstance(layer.dropout, torch.nn.Dropout) and layer.dropout.p == 0.25
+    x, modality = _tokens(9, 9)
+    torch.testing.assert_close(layer(x, modality), mlp(x), atol=1e-12, rtol=1e-12)

@@ -1,6 +1,7 @@
-"""Two-rank DeepSpeed training (CPU, gloo, fp32): exact resume under every engine variant (ZeRO 0, 1, 2, 3 and
-ZeRO-2/3 with CPU offload; ZeRO-3 stopped by SIGTERM on one rank, the others by run length), the NaN guard, resume
-at world size 1 through a universal checkpoint, and SIGTERM preemption through the DeepSpeed launcher (`slow`).
+"""Two-rank DeepSpeed training (CPU, gloo, fp32): exact resume under every engine variant (ZeRO 0, 1, 2, 3,
+ZeRO-2/3 with CPU offload and ZeRO-3 with LoRA; ZeRO-3 stopped by SIGTERM on one rank, the others by run length)
+through a curriculum that freezes and unfreezes modules mid-run (`FREEZING`), the NaN guard, resume at world size 1
+through a universal checkpoint, and SIGTERM preemption through the DeepSpeed launcher (`slow`).
 
 The tests launch this file with torchrun; run as a script (`python THIS PHASE DIR`) it is the worker.
 """
@@ -41,6 +42,8 @@ class Variant:
     """Full run length; two steps after a resume at 1, so the last loss follows an update with restored moments."""
     sigterm: bool = False
     """Stop by a SIGTERM on rank 1 (both ranks must agree and save) instead of by run length."""
+    lora: bool = False
+    """LoRA adapters on the LLM (`model.llm.lora`), whose base weights then never train."""
 
 
 VARIANTS = {
@@ -50,8 +53,18 @@ VARIANTS = {
     "zero3": Variant(3, stop=HALF, steps=2 * HALF, sigterm=True),
     "zero2_offload": Variant(2, "cpu"),
     "zero3_offload": Variant(3, "cpu"),
+    "zero3_lora": Variant(3, stop=HALF, steps=2 * HALF, lora=True),
 }
 """Every engine variant the suite trains at world size 2 and resumes exactly (the short ones keep it fast)."""
+
+FREEZING = {"phases": [{"start": 0, "values": {"frozen": ["encoder"], "hard_negative_ratio": 0.5,
+                                               "resolution": {16: 1.0}}},
+                       {"start": 1, "values": {"frozen": ["llm"]}},
+                       {"start": 2, "values": {"loss_weights": {"contrastive": 1.0, "caption": 0.0}}},
+                       {"start": 3, "values": {"frozen": []}}]}
+"""The curriculum of the exact-resume runs: the encoder frozen at step 0 and trained from 1, the LLM trained at 0,
+frozen at 1 and trained again (fresh state) from 3, captioning off from 2. A stop at 1 resumes from the checkpoint of
+the engine before the first switch, a stop at 2 from one whose frozen LLM weights were trained."""
 
 
 def _free_port() -> int:
@@ -127,6 +140,8 @@ def test_exact_resume_every_zero_variant_and_elastic_resume(tmp_path: Path):
             assert runs[2]["start"] == variant.stop and runs[2]["losses"] == full[variant.stop :], (name, rank)
             for run in runs:
                 _assert_engine(run["engine"], variant)
+            if variant.lora:
+                _assert_lora([run["lora"] for run in runs])
         # NaN on one rank: the step is skipped on both, nothing non-finite stays; M=2 in a row stops with a checkpoint.
         assert first[rank]["nan_finite"] and first[rank]["nan_skipped"] == 1
         assert first[rank]["stop_step"] == 3 and "2 non-finite steps in a row" in first[rank]["stop_message"]
@@ -156,6 +171,16 @@ def _assert_engine(facts: dict, variant: Variant) -> None:
     wrapper = {0: "AdamW", 3: "DeepSpeedZeroOptimizer_Stage3"}.get(variant.stage, "DeepSpeedZeroOptimizer")
     assert facts["optimizer"] == wrapper, facts
     assert facts["master"] == ["cpu", "torch.float32"] and facts["state"] == ["cpu", "torch.float32"], facts
+
+
+def _assert_lora(facts: list[dict]) -> None:
+    """The LLM's base weights stayed bitwise what the full run started from, through freezing, unfreezing and the
+    checkpoint, and no rank holds Adam state for them (only ZeRO-3's per-parameter padding beyond the trainable)."""
+    assert len({digest for f in facts for digest in (f["digest_before"], f["digest_after"])}) == 1, facts
+    for f in facts:
+        assert f["base_params"] > 0 and not f["base_trainable"], f
+        padding = f["adam_elements"] - f["trainable_elements"]
+        assert 0 <= padding < 2 * f["trainable_params"] < f["base_elements"], f
 
 
 def test_offload_at_zero0_is_refused_at_config_load_not_ignored():
@@ -244,18 +269,58 @@ def _run(config_path: Path, run_dir: Path, variant: Variant, steps: int, sigterm
     init_distributed()
     # Only the final (or preemption) checkpoint is resumed from; periodic ones would only cost time.
     cfg = load_config(config_path, [f"run_dir={run_dir}", f"steps={steps}", f"deepspeed.zero_stage={variant.stage}",
-                                    f"deepspeed.offload={variant.offload}", "checkpoint.every=0"])
+                                    f"deepspeed.offload={variant.offload}", "checkpoint.every=0",
+                                    *(["model.llm.lora.r=4"] if variant.lora else [])])
     rank = dist.get_rank()
     data = SignalAt(cfg, rank, at=sigterm_at if rank == 1 else None)
     trainer = Trainer(cfg, data=data)
     start = trainer.step
+    base_before = frozen_digest(trainer.module) if variant.lora else None
     try:
         trainer.train()
     finally:
         trainer.close()
     assert trainer.preempted == (sigterm_at is not None)
-    return {"losses": trainer.losses, "start": start, "world_size": trainer.world,
-            "engine": engine_facts(trainer.engine)}
+    report = {"losses": trainer.losses, "start": start, "world_size": trainer.world,
+              "engine": engine_facts(trainer.engine)}
+    if variant.lora:
+        report["lora"] = {"digest_before": base_before, "digest_after": frozen_digest(trainer.module),
+                          **adam_facts(trainer)}
+    return report
+
+
+def frozen_digest(module) -> str:
+    """SHA-256 of the gathered weights the model keeps frozen (LoRA's base weights), in name order."""
+    import hashlib
+
+    import deepspeed
+    import torch
+
+    names = sorted(module.fixed_frozen)
+    params = dict(module.named_parameters())
+    digest = hashlib.sha256()
+    with deepspeed.zero.GatheredParameters([params[n] for n in names]):
+        for name in names:
+            digest.update(params[name].detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def adam_facts(trainer) -> dict:
+    """Elements of AdamW's first moment over all ranks, against the trainable and the model-frozen parameters."""
+    import torch
+    import torch.distributed as dist
+
+    engine, module = trainer.engine, trainer.module
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    local = sum(s["exp_avg"].numel() for s in inner.state.values() if "exp_avg" in s)
+    total = torch.tensor([local])
+    dist.all_reduce(total)
+    params = dict(module.named_parameters())
+    trainable = [p for p in params.values() if p.requires_grad]
+    return {"adam_elements": int(total), "trainable_elements": sum(int(p.ds_numel) for p in trainable),
+            "trainable_params": len(trainable), "base_params": len(module.fixed_frozen),
+            "base_elements": sum(int(params[n].ds_numel) for n in module.fixed_frozen),
+            "base_trainable": any(params[n].requires_grad for n in module.fixed_frozen)}
 
 
 def engine_facts(engine) -> dict:
@@ -351,7 +416,8 @@ def _worker(phase: str, out: Path) -> None:
 
     # One MLflow store for every run of the phase: each new SQLite store costs seconds of schema creation.
     tracking = {"log_every": 1, "uri": f"sqlite:///{out / 'mlflow.db'}"}
-    config = write_config(out / "run.yaml", tracking=tracking) if phase == "first" else out / "run.yaml"
+    first = phase == "first"
+    config = write_config(out / "run.yaml", tracking=tracking, curriculum=FREEZING) if first else out / "run.yaml"
     if phase == "elastic":
         run = _run(config, out / "part-zero2", VARIANTS["zero2"], 2 * HALF + 1)
         (out / "elastic.json").write_text(json.dumps({"world_size": run["world_size"], "start": run["start"],

@@ -105,7 +105,7 @@ def latest_tag(folder: Path) -> str | None:
 
 
 def read_meta(folder: Path, tag: str) -> dict[str, Any]:
-    """The completion record of a checkpoint (step, world size, ZeRO stage)."""
+    """The completion record of a checkpoint (step, world size, ZeRO stage, frozen modules)."""
     return json.loads((folder / tag / META).read_text())
 
 
@@ -169,17 +169,25 @@ class Checkpointer:
         self.keep = keep
         self.folder.mkdir(parents=True, exist_ok=True)
 
-    def save(self, engine, step: int, run_state: dict[str, Any], rank_state: dict[str, Any]) -> str:
-        """Save on every rank; `latest` moves only after all ranks finished; then purge to `keep`."""
+    def save(self, engine, step: int, run_state: dict[str, Any], rank_state: dict[str, Any],
+             frozen: list[str] = ()) -> str:
+        """Save on every rank; `latest` moves only after all ranks finished; then purge to `keep`.
+
+        `frozen` (the curriculum modules the engine was built without) goes in the marker: a resume builds the same
+        engine before loading. Frozen parameters' weights are saved too (ZeRO-0/1 in the module state, ZeRO-2/3 as
+        DeepSpeed's frozen fragments), so they come back exactly.
+        """
         tag = tag_of(step)
         if _rank() == 0:
             # Re-saving a step (e.g. after a resume) must not look complete while it is being overwritten.
             (self.folder / tag / META).unlink(missing_ok=True)
-        engine.save_checkpoint(str(self.folder), tag=tag, client_state={"plait": run_state}, save_latest=False)
+        engine.save_checkpoint(str(self.folder), tag=tag, client_state={"plait": run_state}, save_latest=False,
+                               exclude_frozen_parameters=False)
         torch.save(rank_state, self.folder / tag / f"plait_rank{_rank()}.pt")
         _barrier()
         if _rank() == 0:
-            meta = {"step": step, "world_size": _world(), "zero_stage": engine.zero_optimization_stage()}
+            meta = {"step": step, "world_size": _world(), "zero_stage": engine.zero_optimization_stage(),
+                    "frozen": sorted(frozen)}
             _write_atomic(self.folder / tag / META, json.dumps(meta))
             _write_atomic(self.folder / LATEST, tag)
             removed = purge(self.folder, self.keep, tag)
@@ -187,6 +195,11 @@ class Checkpointer:
                         f" (removed {', '.join(removed)})" if removed else "")
         _barrier()
         return str(self.folder / tag)
+
+    def saved_frozen(self) -> list[str] | None:
+        """The frozen modules the latest checkpoint's engine was built without; None without a checkpoint."""
+        tag = latest_tag(self.folder)
+        return read_meta(self.folder, tag).get("frozen", []) if tag is not None else None
 
     def needs_universal(self) -> bool:
         """Whether the latest checkpoint was written at another world size (decide before building the engine)."""
@@ -209,6 +222,10 @@ class Checkpointer:
             logger.warning("resuming a world-size-%d checkpoint at world size %d: weights and optimizer are exact, "
                            "per-rank data positions and RNG come from the nearest saved rank", saved_world, _world())
             own = self.folder / load_tag / f"plait_rank{min(_rank(), saved_world - 1)}.pt"
+            frozen = read_meta(self.folder, tag).get("frozen", [])
+            if frozen:
+                logger.warning("universal checkpoints carry no frozen weights: the frozen modules %s keep their "
+                               "values from the build (exact only if they were frozen since step 0)", frozen)
         rank_state = torch.load(own, weights_only=False)
         logger.info("resumed from %s", self.folder / load_tag)
         return client["plait"], rank_state

@@ -13,6 +13,7 @@ from plait.trainer.config_loader import ConfigError, apply_overrides, build, rea
 from plait.trainer.curriculum import CurriculumConfig
 from plait.trainer.losses.config import LossConfig
 from plait.trainer.model.config import ModelConfig
+from plait.trainer.model.validate import validate_model
 
 
 @dataclass
@@ -174,6 +175,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_positive(self, "steps")
+        validate_model(self)
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -2,7 +2,8 @@
 optional CPU offload, bf16 on GPU / fp32 on CPU, gradient accumulation, clipping and per-group LR.
 
 The objective lives inside the wrapped module so the learnable temperature is optimised and the negative
-queues (buffers) are saved and restored with the model by DeepSpeed's checkpoints.
+queues (buffers) are saved and restored with the model by DeepSpeed's checkpoints. A curriculum phase that changes
+which parameters are frozen gets a new engine on the same module (`rebuild_engine`, see `freezing.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from torch import nn
 from plait.data.batch import PackedBatch
 from plait.data.sizing import SizingConfig
 from plait.trainer.config import RunConfig
+from plait.trainer.freezing import (capture_optimizer_state, carry_optimizer_state, release_engine, set_trainable,
+                                    trainable_names)
 from plait.trainer.losses.config import LossConfig
 from plait.trainer.losses.objective import Objective, ObjectiveInputs
 from plait.trainer.model.config import ModelConfig
@@ -49,6 +52,8 @@ class TrainModule(nn.Module):
         super().__init__()
         self.model = MultimodalModel(model_cfg, sizing)
         self.objective = Objective(loss_cfg, model_cfg.embed_dim)
+        self.fixed_frozen: frozenset[str] = frozenset()
+        """Parameters the model itself keeps frozen (LoRA's base weights): no curriculum phase trains them."""
 
     def forward(self, batch: PackedBatch, step: int, weights: dict[str, float] | None = None,
                 hard_fraction: float | None = None) -> TrainOutput:
@@ -171,16 +176,39 @@ def build_module(cfg: RunConfig, ds_config: dict) -> TrainModule:
         if cfg.deepspeed.stage == 3:
             partitioned.enter_context(transformers_zero3(ds_config))
             partitioned.enter_context(deepspeed.zero.Init(config_dict_or_path=ds_config))
-        return TrainModule(cfg.model, cfg.data.sizing, cfg.loss)
+        module = TrainModule(cfg.model, cfg.data.sizing, cfg.loss)
+    # LoRA adapters made outside zero.Init stay whole here; deepspeed.initialize partitions them.
+    module.model.add_adapters()
+    module.fixed_frozen = frozenset(name for name, param in module.named_parameters() if not param.requires_grad)
+    return module
 
 
-def build_engine(cfg: RunConfig, freezable: list[str] = (), load_universal: bool = False):
-    """Build the module (`build_module`), the AdamW groups and the DeepSpeed engine."""
-    import deepspeed
-
+def build_engine(cfg: RunConfig, freezable: list[str] = (), frozen: list[str] = (), load_universal: bool = False):
+    """Build the module (`build_module`), freeze the modules `frozen`, and wrap the rest (AdamW groups over the
+    prefixes `freezable`) in a DeepSpeed engine."""
     ds_config = deepspeed_config(cfg, load_universal)
     module = build_module(cfg, ds_config)
     mark_zero3_leaf_modules(module)
+    set_trainable(module, trainable_names(module, module.fixed_frozen, frozen))
+    return _initialize(module, cfg, freezable, ds_config)
+
+
+def rebuild_engine(engine, cfg: RunConfig, freezable: list[str], frozen: list[str]):
+    """A new engine on the same module with the modules `frozen` frozen; continuing param groups keep their fp32
+    masters and AdamW state bitwise, newly trainable ones start fresh (`freezing.py`)."""
+    module = engine.module
+    carry = capture_optimizer_state(engine)
+    release_engine(engine)
+    set_trainable(module, trainable_names(module, module.fixed_frozen, frozen))
+    new = _initialize(module, cfg, freezable, deepspeed_config(cfg))
+    carry_optimizer_state(carry, new)
+    return new
+
+
+def _initialize(module: TrainModule, cfg: RunConfig, freezable: list[str], ds_config: dict):
+    """The AdamW groups of the module's trainable parameters and the DeepSpeed engine around both."""
+    import deepspeed
+
     optimizer = build_optimizer(module, cfg.optim, freezable)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
     return engine

@@ -1,6 +1,6 @@
 """`plait export CKPT --out DIR`: a checkpoint's model as the directory `PretrainedModel.save_pretrained` writes
-(config and preprocessing, fp32 weights, tokenizer, and the LLM in Hugging Face format, whose MoME layers keep
-plait's parameter names).
+(config and preprocessing, fp32 weights, tokenizer, the dense LLM config, and the LLM in a stock Hugging Face format:
+MoME layers as a stock MoE class, or no `llm/` and a warning saying why when that is not exact).
 
 Works from any ZeRO stage and world size: DeepSpeed's zero_to_fp32 merges the optimizer's fp32 shards.
 The run config travels in the checkpoint, so none is needed.
@@ -17,7 +17,7 @@ from plait.data.tokenizer import load_tokenizer
 from plait.trainer.checkpoint import LATEST, latest_tag
 from plait.trainer.config import RunConfig
 from plait.trainer.config_loader import build
-from plait.trainer.model.pretrained import CONFIG_NAME, PretrainedModel, preprocess_config, tokenizer_source
+from plait.trainer.model.pretrained import CONFIG_NAME, LLM_DIR, PretrainedModel, preprocess_config, tokenizer_source
 
 MODEL_PREFIX = "model."
 """Where the MultimodalModel's weights sit in the trained module's state dict."""
@@ -36,10 +36,21 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
     return path.parent, path.name
 
 
+def model_states(folder: Path, tag: str) -> dict[str, Any]:
+    """DeepSpeed's rank-0 model states: the module state (whole below ZeRO-3) and plait's run state."""
+    return torch.load(folder / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+
+
 def run_state(folder: Path, tag: str) -> dict[str, Any]:
     """The plait run state DeepSpeed saved as client state (step, config, curriculum, ...)."""
-    states = torch.load(folder / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return states["plait"]
+    return model_states(folder, tag)["plait"]
+
+
+def with_frozen(weights: dict[str, torch.Tensor], module_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`weights` (zero_to_fp32's) plus the frozen parameters it leaves out at ZeRO 0/1 (no optimizer shard holds
+    them there), taken from the module state; ZeRO-3's empty placeholders are not weights."""
+    missing = {k: v for k, v in module_state.items() if k not in weights and v.numel() > 0}
+    return {**weights, **{k: v.float() if v.is_floating_point() else v for k, v in missing.items()}}
 
 
 def saved_run_config(state: dict[str, Any], run_dir: Path) -> RunConfig:
@@ -57,11 +68,12 @@ def load_trained(checkpoint: str | Path) -> tuple[PretrainedModel, dict[str, Any
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     folder, tag = resolve_checkpoint(checkpoint)
-    state = run_state(folder, tag)
+    states = model_states(folder, tag)
+    state = states["plait"]
     cfg = saved_run_config(state, folder.parent)
     model = PretrainedModel(cfg.model, preprocess_config(cfg), load_tokenizer(tokenizer_source(cfg)),
-                            load_llm_weights=False)
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+                            load_weights=False)
+    weights = with_frozen(get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag), states["module"])
     own = {k.removeprefix(MODEL_PREFIX): v for k, v in weights.items() if k.startswith(MODEL_PREFIX)}
     missing, unexpected = model.model.load_state_dict(own, strict=False)
     if unexpected or [k for k in missing if k in dict(model.model.named_parameters())]:
@@ -77,8 +89,16 @@ def load_any(path: str | Path) -> PretrainedModel:
     return load_trained(path)[0]
 
 
-def export(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
-    """Write the checkpoint's model as a `save_pretrained` directory; returns what was written."""
+def export(checkpoint: str | Path, out: str | Path, merge_lora: bool = False) -> dict[str, Any]:
+    """Write the checkpoint's model as a `save_pretrained` directory; returns what was written (`llm`: the stock
+    Hugging Face LLM's folder, None when it has no exact stock form).
+
+    `merge_lora` folds the LLM's LoRA adapters into its weights in the saved model as well (its config then has
+    no `lora`); `llm/` always holds them merged.
+    """
     model, written = load_trained(checkpoint)
-    model.save_pretrained(out)
-    return {**written, "out": str(out), "parameters": sum(p.numel() for p in model.model.parameters())}
+    if merge_lora and model.model.cfg.llm.lora is not None:
+        model.merge_adapters()
+    llm = model.save_pretrained(out) / LLM_DIR
+    return {**written, "out": str(out), "parameters": sum(p.numel() for p in model.model.parameters()),
+            "llm": str(llm) if llm.is_dir() else None}

@@ -1,11 +1,11 @@
 """Parameter groups (encoder / resampler / llm / routers / objective x decay / no decay), the learning-rate
-schedule (warmup + cosine, WSD or constant) and curriculum freezing and LR multipliers.
+schedule (warmup + cosine, WSD or constant) and curriculum LR multipliers.
 
-Groups are fixed when the optimizer is built; every step `apply_schedule` writes each group's LR, so the
-schedule is a pure function of the step (exact on resume). Freezing sets a group's LR to zero: AdamW then
-leaves those weights bitwise unchanged (the decoupled decay is scaled by the LR too), which works the same
-under every ZeRO stage, unlike toggling `requires_grad` after DeepSpeed has flattened the parameters.
-A frozen group still accumulates Adam moments; they reflect the frozen period when it is unfrozen.
+Groups hold only trainable parameters (`requires_grad`): frozen ones get no gradient and no Adam state
+(`freezing.py` flips `requires_grad` and rebuilds the engine when a curriculum phase changes what is frozen).
+Groups are also split by the module prefixes any phase freezes, so each group freezes and unfreezes as a whole
+and a group that starts training again is a group of its own, with its own step count. Every step
+`apply_schedule` writes each group's LR, so the schedule is a pure function of the step (exact on resume).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ GROUPS = ("encoder", "resampler", "llm", "routers", "objective")
 MODEL_PREFIX = "model."
 """Where the MultimodalModel sits in the trained module; curriculum `frozen` names are relative to it."""
 
+_NO_DECAY_LEAVES = ("bias", "logit_scale", "b_in", "b_out", "shared_b_in", "shared_b_out")
+"""Parameter names that never get weight decay (biases, MoME expert biases stacked [E, F], the temperature)."""
 _NO_DECAY_OWNERS = (nn.Embedding, LearnedLatents, nn.LayerNorm)
 """Modules whose parameters never get weight decay (embeddings, learned queries, norms)."""
 
@@ -42,7 +44,8 @@ def group_of(name: str) -> str:
 def decays(name: str, param: torch.Tensor, owner: nn.Module) -> bool:
     """Weight decay only on matrices: never on norms, biases, embeddings, latents or the temperature."""
     # A parameter zero.Init partitioned is an empty 1-D placeholder; `ds_shape` is its real shape.
-    if len(getattr(param, "ds_shape", param.shape)) < 2 or name.endswith("bias") or name.endswith("logit_scale"):
+    leaf = name.rsplit(".", 1)[-1]
+    if len(getattr(param, "ds_shape", param.shape)) < 2 or leaf in _NO_DECAY_LEAVES:
         return False
     return not isinstance(owner, _NO_DECAY_OWNERS) and "norm" not in type(owner).__name__.lower()
 
@@ -52,22 +55,25 @@ def frozen_prefixes(phases_frozen: Iterable[list[str]]) -> list[str]:
     return sorted({prefix for frozen in phases_frozen for prefix in frozen})
 
 
-def _matches(name: str, prefix: str) -> bool:
-    """Whether model-relative parameter `name` lies in module `prefix`."""
-    return name == prefix or name.startswith(prefix + ".")
+def in_module(name: str, prefix: str) -> bool:
+    """Whether parameter `name` of the trained module lies in model module `prefix` (a curriculum `frozen` name)."""
+    relative = name.removeprefix(MODEL_PREFIX)
+    return name.startswith(MODEL_PREFIX) and (relative == prefix or relative.startswith(prefix + "."))
 
 
 def param_groups(module: nn.Module, cfg: OptimConfig, freezable: list[str] = ()) -> list[dict]:
-    """AdamW param groups: one per (LR group, decay or not, freezable prefixes), empty ones left out.
+    """AdamW param groups of the trainable parameters: one per (LR group, decay or not, freezable prefixes),
+    empty ones left out.
 
-    Each group also carries plain `name`, `group`, `peak_lr` and `freezable` keys (saved with the optimizer).
+    Each group also carries plain `name`, `group` and `peak_lr` keys (saved with the optimizer).
     """
     owners = {f"{name}.{leaf}" if name else leaf: mod
               for name, mod in module.named_modules() for leaf, _ in mod.named_parameters(recurse=False)}
     buckets: dict[tuple[str, bool, tuple[str, ...]], list[torch.nn.Parameter]] = {}
     for name, param in module.named_parameters():
-        relative = name.removeprefix(MODEL_PREFIX)
-        prefixes = tuple(p for p in freezable if name.startswith(MODEL_PREFIX) and _matches(relative, p))
+        if not param.requires_grad:
+            continue
+        prefixes = tuple(p for p in freezable if in_module(name, p))
         key = (group_of(name), decays(name, param, owners[name]), prefixes)
         buckets.setdefault(key, []).append(param)
     groups = []
@@ -75,7 +81,7 @@ def param_groups(module: nn.Module, cfg: OptimConfig, freezable: list[str] = ())
         name = "/".join([group, "decay" if decay else "no_decay"] + ([",".join(prefixes)] if prefixes else []))
         peak = cfg.group_lr.get(group, cfg.lr)
         groups.append({"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": peak,
-                       "name": name, "group": group, "peak_lr": peak, "freezable": list(prefixes)})
+                       "name": name, "group": group, "peak_lr": peak})
     return groups
 
 
@@ -105,18 +111,12 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 def apply_schedule(optimizer: torch.optim.Optimizer, step: int, cfg: OptimConfig, total_steps: int,
                    values: CurriculumValues) -> dict[str, float]:
-    """Write every group's LR for `step` (schedule x curriculum multiplier, 0 when frozen); returns LR per group."""
+    """Write every group's LR for `step` (schedule x curriculum multiplier); returns the LR of each LR group
+    that trains (a frozen one has no param group)."""
     factor = lr_factor(step, cfg, total_steps)
-    frozen = set(values.frozen)
     lrs: dict[str, float] = {}
     for group in optimizer.param_groups:
-        is_frozen = any(_covered(prefix, frozen) for prefix in group["freezable"])
-        lr = 0.0 if is_frozen else group["peak_lr"] * factor * values.lr_multipliers.get(group["group"], 1.0)
+        lr = group["peak_lr"] * factor * values.lr_multipliers.get(group["group"], 1.0)
         group["lr"] = lr
         lrs[group["group"]] = max(lrs.get(group["group"], 0.0), lr)
     return lrs
-
-
-def _covered(prefix: str, frozen: set[str]) -> bool:
-    """Whether module `prefix` lies in one of the frozen modules."""
-    return any(_matches(prefix, f) for f in frozen)

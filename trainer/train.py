@@ -22,8 +22,9 @@ from plait.trainer.config import RunConfig
 from plait.trainer.config_loader import render_yaml, to_dict
 from plait.trainer.curriculum import Curriculum, plot_curriculum
 from plait.trainer.data_source import BatchSource
-from plait.trainer.engine import build_engine, init_distributed
+from plait.trainer.engine import build_engine, init_distributed, rebuild_engine
 from plait.trainer.evaluate import flat_metrics, gather_embeddings, retrieval_metrics, summary
+from plait.trainer.freezing import check_frozen_names, current_trainable, trainable_names
 from plait.trainer.model.accounting import estimate_flops, parameter_counts
 from plait.trainer.optim import apply_schedule, frozen_prefixes, group_of
 from plait.trainer.planned_batches import PlannedBatches
@@ -48,9 +49,14 @@ class Trainer:
         self.curriculum = Curriculum.from_run(cfg)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep)
         resume = cfg.checkpoint.resume
-        freezable = frozen_prefixes(phase.values.get("frozen", []) for phase in cfg.curriculum.phases)
-        self.engine = build_engine(cfg, freezable, load_universal=resume and self.checkpointer.needs_universal())
+        phases_frozen = [(i, phase.values.get("frozen", [])) for i, phase in enumerate(cfg.curriculum.phases)]
+        self.freezable = frozen_prefixes(frozen for _, frozen in phases_frozen)
+        saved = self.checkpointer.saved_frozen() if resume else None
+        self.frozen = sorted(self.curriculum.resolve(0).frozen if saved is None else saved)
+        self.engine = build_engine(cfg, self.freezable, self.frozen,
+                                   load_universal=resume and self.checkpointer.needs_universal())
         self.module = self.engine.module
+        check_frozen_names(self.module, phases_frozen)
         self.device = self.engine.device
         self.data = data or PlannedBatches(cfg, self.rank, self.world)
         self.step, self.skipped_in_row, self.skipped_total = 0, 0, 0
@@ -123,7 +129,8 @@ class Trainer:
         every = self.cfg.checkpoint.every
         if stop or self.step == self.cfg.steps or (every and self.step % every == 0):
             self.checkpoint_path = self.checkpointer.save(self.engine, self.step, self._run_state(),
-                                                          {"data": self.data.state_dict(), "rng": rng_state()})
+                                                          {"data": self.data.state_dict(), "rng": rng_state()},
+                                                          self.frozen)
         if nonfinite_stop:
             raise NonFiniteStop(f"{self.skipped_in_row} non-finite steps in a row up to step {self.step}; "
                                 f"checkpoint {self.checkpoint_path}")
@@ -145,6 +152,7 @@ class Trainer:
         Losses, components and counters stay on the device; the host reads them only when logging.
         """
         values = self.curriculum.at(self.step)
+        self._follow_freezing(values.frozen)
         lrs = apply_schedule(self.engine.optimizer, self.step, self.cfg.optim, self.cfg.steps, values)
         queues = self.module.objective.queues
         rollback = queues.snapshot() if queues is not None else None
@@ -184,6 +192,17 @@ class Trainer:
             components["grad_norm"] = norm
         self.last_components = components
         self.window.add_step(components, counts, experts)
+
+    def _follow_freezing(self, frozen: list[str]) -> None:
+        """Rebuild the engine when this step's `frozen` modules change which parameters train."""
+        frozen = sorted(frozen)
+        if frozen == self.frozen:
+            return
+        self.frozen = frozen
+        trainable = trainable_names(self.module, self.module.fixed_frozen, frozen)
+        if trainable != current_trainable(self.module):
+            logger.info("step %d: frozen modules now %s; rebuilding the engine", self.step, frozen or "none")
+            self.engine = rebuild_engine(self.engine, self.cfg, self.freezable, frozen)
 
     def _logs_at(self, step: int) -> bool:
         """Whether metrics are sent after optimizer step `step` (1-based count of steps done)."""

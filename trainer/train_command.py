@@ -97,7 +97,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from plait.trainer.console import emit_result
     from plait.trainer.export import export
 
-    emit_result(export(args.checkpoint, args.out))
+    emit_result(export(args.checkpoint, args.out, merge_lora=args.merge_lora))
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -109,4 +109,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                                   "(for plait embed and PretrainedModel.from_pretrained)")
     export.add_argument("checkpoint", help="a checkpoint folder (RUN_DIR/checkpoints/stepNNNNNNNN) or run dir")
     export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--merge-lora", action="store_true",
+                        help="fold LoRA adapters into the LLM's weights in the saved model too (llm/ always has them "
+                             "merged)")
     export.set_defaults(func=_cmd_export)

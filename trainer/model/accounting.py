@@ -12,9 +12,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from plait.data.batch import PackedBatch
 from plait.kernels.segments import cu_to_lengths
+from plait.trainer.model.llm import decoder_layers
 from plait.trainer.model.mome import MoMELayer
 from plait.trainer.model.multimodal import MultimodalModel
 
@@ -54,7 +56,7 @@ def active_matmul_params(module: nn.Module) -> int:
         per_expert = (numel(module.w_in) + numel(module.w_out)) // module.cfg.num_experts
         shared = numel(module.shared_w_in) + numel(module.shared_w_out) if module.shared_w_in is not None else 0
         return numel(module.router.proj.weight) + module.cfg.top_k * per_expert + shared
-    if isinstance(module, nn.Linear):
+    if isinstance(module, (nn.Linear, nn.Conv1d, Conv1D)):
         return numel(module.weight)
     return sum(active_matmul_params(child) for child in module.children())
 
@@ -89,10 +91,11 @@ def estimate_flops(model: MultimodalModel, batch: PackedBatch, captioning: bool 
     enc, res, llm = model.encoder, model.resampler, model.llm
     streams = [batch.streams[name] for name in ("vision", "audio") if name in batch.streams]
     tokens = sum(s.num_tokens for s in streams)
-    pairs = sum(int((cu_to_lengths(s.cu_seqlens) ** 2).sum()) for s in streams)
-    enc_attn = 4 * enc.cfg.dim * pairs * enc.cfg.depth
-    enc_flops = 2 * sum(s.num_tokens * s.patches.shape[1] * enc.cfg.dim for s in streams)
-    enc_flops += 2 * tokens * active_matmul_params(enc.blocks) + enc_attn
+    enc_flops, enc_attn = _native_flops(enc, [batch.streams[n] for n in enc.native if n in batch.streams])
+    for name, tower in enc.towers.items():
+        if name in batch.streams:
+            matmul, attention = _tower_flops(name, tower, batch.streams[name])
+            enc_flops, enc_attn = enc_flops + matmul, enc_attn + attention
 
     n, k, dim = batch.num_samples, res.cfg.num_latents, res.cfg.dim
     latents = n * k
@@ -111,10 +114,34 @@ def estimate_flops(model: MultimodalModel, batch: PackedBatch, captioning: bool 
     text_cfg = llm.model.config.get_text_config()
     heads = text_cfg.num_attention_heads
     head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads
-    decoder = llm.model.get_decoder()
-    llm_attn = 4 * heads * head_dim * int((sequences * (sequences + 1) // 2).sum()) * len(decoder.layers)
-    llm_flops = 2 * rows * active_matmul_params(decoder.layers) + llm_attn
+    layers = decoder_layers(llm.model)
+    llm_attn = 4 * heads * head_dim * int((sequences * (sequences + 1) // 2).sum()) * len(layers)
+    llm_flops = 2 * rows * active_matmul_params(layers) + llm_attn
     if captioning:
         llm_flops += 2 * int(captions.sum()) * numel(llm.model.get_output_embeddings().weight)
     llm_flops += 2 * n * numel(llm.text_projection.weight)
     return FlopsEstimate(enc_flops, res_flops, llm_flops, enc_attn + res_attn + llm_attn)
+
+
+def _native_flops(enc: nn.Module, streams: list) -> tuple[int, int]:
+    """(all, attention) forward FLOPs of plait's own encoder blocks over the native streams."""
+    if not streams:
+        return 0, 0
+    tokens = sum(s.num_tokens for s in streams)
+    pairs = sum(int((cu_to_lengths(s.cu_seqlens) ** 2).sum()) for s in streams)
+    attention = 4 * enc.cfg.dim * pairs * enc.cfg.depth
+    flops = 2 * sum(s.num_tokens * s.patches.shape[1] * enc.cfg.dim for s in streams)
+    return flops + 2 * tokens * active_matmul_params(enc.blocks) + attention, attention
+
+
+def _tower_flops(name: str, tower: nn.Module, stream) -> tuple[int, int]:
+    """(all, attention) forward FLOPs of a pretrained tower: every row its layers see through its matmul weights,
+    attention within its sequences (Whisper's rows are half its mel frames)."""
+    if name == "audio":
+        rows = stream.grids[:, 1] * tower.sizing.audio_patch // 2
+        config = tower.encoder.config
+    else:
+        rows = cu_to_lengths(stream.cu_seqlens)
+        config = tower.config
+    attention = 4 * config.hidden_size * int((rows.long() ** 2).sum()) * config.num_hidden_layers
+    return 2 * int(rows.sum()) * active_matmul_params(tower) + attention, attention

@@ -1,5 +1,6 @@
 """Packed media encoder: per-stream patch embedding + NaViT position embeddings, then pre-norm transformer
 blocks over all media tokens of the micro-batch at once, with varlen attention and optional MoME FFNs.
+A stream may instead go through a pretrained Hugging Face tower (`vision_tower`, `audio_tower`), also packed.
 
 Vision patches (images and video tubelets) share one projection of 3*tp*p*p values: an image arrives
 repeated over the tp frames of a tubelet (as in Qwen2-VL), so it is simply a one-tubelet video.
@@ -143,17 +144,26 @@ def _real_part(stream: PackedStream | None, patch_dim: int, like: torch.Tensor) 
 
 
 class Encoder(nn.Module):
-    """Vision + audio patch streams -> one packed transformer pass -> `EncoderOutput`.
+    """Vision + audio patch streams -> packed transformer passes -> `EncoderOutput`.
 
-    Patch sizes come from the data's sizing config, the one place the patch geometry lives.
+    A stream with a pretrained tower (`cfg.vision` / `cfg.audio`) runs through it; the others share one pass of
+    plait's own blocks. Patch sizes come from the data's sizing config, the one place the patch geometry lives.
+    `load_weights=False` builds the towers' architectures only (a saved plait model brings their weights).
     """
 
     def __init__(self, cfg: EncoderConfig, mome: MoMEConfig, sizing: SizingConfig,
-                 context: RoutingContext | None = None, backend: Backend = "auto") -> None:
+                 context: RoutingContext | None = None, backend: Backend = "auto", load_weights: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
-        self.vision = StreamEmbedding(sizing.vision_channels, cfg.dim, cfg.vision_max_grid)
-        self.audio = StreamEmbedding(sizing.audio_channels, cfg.dim, cfg.audio_max_grid)
+        self.patch_dims = {"vision": sizing.vision_channels, "audio": sizing.audio_channels}
+        self.towers = nn.ModuleDict(_towers(cfg, sizing, backend, load_weights))
+        self.native = [name for name in STREAMS if name not in self.towers]
+        """Streams plait's own blocks encode."""
+        if not self.native:
+            return
+        for name, grid in (("vision", cfg.vision_max_grid), ("audio", cfg.audio_max_grid)):
+            if name in self.native:
+                setattr(self, name, StreamEmbedding(self.patch_dims[name], cfg.dim, grid))
         self.modality_embed = nn.Embedding(len(TOKEN_MODALITIES), cfg.dim)
         with full_parameters([self.modality_embed.weight], write=True):
             nn.init.normal_(self.modality_embed.weight, std=0.02)
@@ -167,23 +177,49 @@ class Encoder(nn.Module):
 
     def forward(self, batch: PackedBatch) -> EncoderOutput:
         """Encode every media token of `batch`; samples never attend to each other."""
-        like = self.vision.proj.weight
-        parts = [_real_part(batch.streams.get(name), emb.patch_dim, like)
-                 for name, emb in zip(STREAMS, (self.vision, self.audio))]
-        if self.cfg.vision_input_norm == "sample":
+        like = next(self.parameters())
+        parts = {name: _real_part(batch.streams.get(name), self.patch_dims[name], like) for name in STREAMS}
+        pieces = [(STREAMS.index(name), *tower(parts[name])) for name, tower in self.towers.items()]
+        if self.native:
+            pieces.append((STREAMS.index(self.native[0]), *self._native_pass(batch, [parts[n] for n in self.native])))
+        pieces.sort(key=lambda piece: piece[0])
+        tokens, seg = torch.cat([p[1] for p in pieces]), torch.cat([p[2] for p in pieces])
+        modality = token_code(batch.modality.to(seg.device)[seg]) if seg.numel() else seg
+        return EncoderOutput(tokens, seg, modality)
+
+    def _native_pass(self, batch: PackedBatch, parts: list[PackedStream]) -> tuple[torch.Tensor, torch.Tensor]:
+        """plait's own blocks over the native streams, concatenated in stream order: final-normed tokens and seg."""
+        if self.cfg.vision_input_norm == "sample" and self.native[0] == "vision":
             vision = parts[0]
             parts[0] = replace(vision, patches=standardize_per_sample(vision.patches, vision.seg, batch.num_samples,
                                                                       self.cfg.norm_eps))
-        embedded = [emb(p.patches.to(like.dtype), p.coords) for emb, p in zip((self.vision, self.audio), parts)]
+        embeddings = [getattr(self, name) for name in self.native]
+        like = embeddings[0].proj.weight
+        embedded = [emb(p.patches.to(like.dtype), p.coords) for emb, p in zip(embeddings, parts)]
         seg = torch.cat([p.seg for p in parts])
         modality = token_code(batch.modality.to(seg.device)[seg]) if seg.numel() else seg
         x = torch.cat(embedded) + self.modality_embed(modality)
-        vision_cu, audio_cu = (p.cu_seqlens.to(seg.device).long() for p in parts)
-        cu_seqlens = torch.cat([vision_cu, audio_cu[1:] + vision_cu[-1]])
+        cus = [p.cu_seqlens.to(seg.device).long() for p in parts]
+        cu_seqlens = torch.cat([cus[0]] + [cu[1:] + cus[0][-1] for cu in cus[1:]])
         max_seqlen = max(p.max_seqlen for p in parts)
         for block in self.blocks:
             if self.cfg.activation_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, cu_seqlens, max_seqlen, modality, use_reentrant=False)
             else:
                 x = block(x, cu_seqlens, max_seqlen, modality)
-        return EncoderOutput(self.norm(x), seg, modality)
+        return self.norm(x), seg
+
+
+def _towers(cfg: EncoderConfig, sizing: SizingConfig, backend: Backend, load_weights: bool) -> dict[str, nn.Module]:
+    """The pretrained towers the config names, by stream (imported only when one is configured)."""
+    towers: dict[str, nn.Module] = {}
+    if cfg.vision.pretrained:
+        from plait.trainer.model.vision_tower import VisionTower
+
+        towers["vision"] = VisionTower(cfg.vision.pretrained, sizing, cfg.dim, cfg.vision_max_grid[0], backend,
+                                       load_weights)
+    if cfg.audio.pretrained:
+        from plait.trainer.model.audio_tower import AudioTower
+
+        towers["audio"] = AudioTower(cfg.audio.pretrained, sizing, cfg.dim, backend, load_weights)
+    return towers

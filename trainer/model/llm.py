@@ -1,5 +1,8 @@
 """The causal LM on packed sequences: any `AutoModelForCausalLM`, always `use_cache=False`, position ids
-restarting per sequence, MoME FFNs swapped into chosen decoder layers.
+restarting per sequence (rotary and learned absolute positions alike), MoME FFNs swapped into chosen decoder
+layers. The decoder is `get_decoder()` (the base model: `LlamaModel`, `PhiModel`, `GPT2Model`, ...) and its layers
+the one layer list in it (`model.layers`, GPT-2's `transformer.h`); `llm_support.check_llm_supported` probes all
+of this on the meta device when the config loads.
 
 Cross-sequence isolation: transformers 5 only detects packing from `position_ids` when the cache is off
 (with it on, sequences silently attend to each other), so the cache is disabled in the config and in
@@ -16,7 +19,9 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import (
+    MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel,
+)
 from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
 from transformers.integrations.deepspeed import prevent_arange_dtype_change
 
@@ -25,7 +30,7 @@ from plait.kernels.attention import Backend
 from plait.kernels.segments import segment_positions
 from plait.trainer.model.config import LLMConfig, MoMEConfig
 from plait.trainer.model.hf_attention import VARLEN_KWARGS, varlen_kwargs
-from plait.trainer.model.mome import MoMELayer, RoutingContext, full_parameters
+from plait.trainer.model.mome import DENSE_FFN_FORMS, MoMELayer, RoutingContext, dense_ffn_layout, full_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +97,34 @@ def _seeded_init_partitioned() -> Iterator[None]:
         set_hf_deepspeed_config(holder)
 
 
+def llm_config(cfg: LLMConfig) -> PretrainedConfig:
+    """The LLM's transformers config: `name_or_path`'s, or `model_type`'s built with `model_kwargs`."""
+    if cfg.name_or_path:
+        return AutoConfig.from_pretrained(cfg.name_or_path)
+    return AutoConfig.for_model(cfg.model_type, **cfg.model_kwargs)
+
+
+def causal_lm_from_config(config: PretrainedConfig) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_config`, failing with the config class named when its model type has no causal LM."""
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(f"llm: {type(config).__name__} ({config.model_type}) has no AutoModelForCausalLM class")
+    return AutoModelForCausalLM.from_config(config)
+
+
+def configure_causal_lm(model: PreTrainedModel, cfg: LLMConfig, backend: Backend = "auto") -> None:
+    """Set the attention implementation, turn the cache off and store `backend`; reject final logit softcapping."""
+    try:
+        model.set_attn_implementation(cfg.attn_implementation)
+    except (ImportError, ValueError) as error:
+        raise ValueError(f"llm: {type(model).__name__} cannot use attn_implementation {cfg.attn_implementation!r}: "
+                         f"{error}") from error
+    model.config.use_cache = False
+    model.config.plait_attention_backend = backend
+    if getattr(model.config, "final_logit_softcapping", None) is not None:
+        raise ValueError(f"llm: {type(model).__name__} has final logit softcapping (unsupported: logits come from "
+                         "lm_head)")
+
+
 def build_causal_lm(cfg: LLMConfig, backend: Backend = "auto", load_weights: bool = True) -> PreTrainedModel:
     """A hub checkpoint (`name_or_path`) or a model built from `model_type` + `model_kwargs`; cache off.
 
@@ -103,18 +136,36 @@ def build_causal_lm(cfg: LLMConfig, backend: Backend = "auto", load_weights: boo
     if cfg.name_or_path and load_weights:
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path)
     else:
-        if cfg.name_or_path:
-            config = AutoConfig.from_pretrained(cfg.name_or_path)
-        else:
-            config = AutoConfig.for_model(cfg.model_type, **cfg.model_kwargs)
+        config = llm_config(cfg)
         with _seeded_init_partitioned():
-            model = AutoModelForCausalLM.from_config(config)
-    model.set_attn_implementation(cfg.attn_implementation)
-    model.config.use_cache = False
-    model.config.plait_attention_backend = backend
-    if getattr(model.config, "final_logit_softcapping", None) is not None:
-        raise ValueError("llm: models with final logit softcapping are not supported (logits come from lm_head)")
+            model = causal_lm_from_config(config)
+    configure_causal_lm(model, cfg, backend)
     return model
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The decoder's list of layers: the `ModuleList` child of `get_decoder()` holding `num_hidden_layers` of them
+    (`model.layers` in Llama, Qwen, Mistral and Phi; `transformer.h` in GPT-2)."""
+    expected = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    lists = [child for child in model.get_decoder().children()
+             if isinstance(child, nn.ModuleList) and expected in (None, len(child))]
+    if len(lists) != 1:
+        raise ValueError(f"llm: {type(model).__name__} has no decoder layer list (a ModuleList of {expected} layers "
+                         f"in its decoder {type(model.get_decoder()).__name__})")
+    return lists[0]
+
+
+def mome_mlp(model: PreTrainedModel, index: int) -> nn.Module:
+    """The MLP of decoder layer `index` (a `mome_layers` entry), checked to be a dense FFN MoME can upcycle."""
+    name, layers = type(model).__name__, decoder_layers(model)
+    if not 0 <= index < len(layers):
+        raise ValueError(f"llm: {name} mome_layers index {index} is out of range ({len(layers)} decoder layers)")
+    mlp = getattr(layers[index], "mlp", None)
+    if not isinstance(mlp, nn.Module):
+        raise ValueError(f"llm: {name} layer {index} {type(layers[index]).__name__} has no mlp")
+    if dense_ffn_layout(mlp) is None:
+        raise ValueError(f"llm: {name} layer {index} MLP {type(mlp).__name__} has no {DENSE_FFN_FORMS} weights")
+    return mlp
 
 
 class PackedCausalLM(nn.Module):
@@ -133,11 +184,9 @@ class PackedCausalLM(nn.Module):
         self.cfg = cfg
         self.context = context
         self.model = build_causal_lm(cfg, backend, load_weights)
-        layers = self.model.get_decoder().layers
+        layers = decoder_layers(self.model)
         for i in cfg.mome_layers:
-            if i >= len(layers):
-                raise ValueError(f"mome_layers: index {i} but the LLM has {len(layers)} layers")
-            layers[i].mlp = MoMELayer.from_dense(layers[i].mlp, mome, context)
+            layers[i].mlp = MoMELayer.from_dense(mome_mlp(self.model, i), mome, context)
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.text_projection = nn.Linear(self.hidden_size, embed_dim, bias=False)
@@ -175,7 +224,7 @@ class PackedCausalLM(nn.Module):
             self.context.modality = modality
 
     def _hidden(self, embeds: torch.Tensor, positions: torch.Tensor, cu: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        """One decoder call on a packed row."""
+        """One call of the base decoder on a packed row: its final (normed) hidden states `[T, d]`."""
         kwargs = varlen_kwargs(cu, max_seqlen) if self.model.config._attn_implementation in VARLEN_KWARGS else {}
         out = self.model.get_decoder()(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False,
                                        **kwargs)

@@ -97,17 +97,25 @@ class MultimodalModel(nn.Module):
     """encoder (media tokens) -> resampler (K latents/sample) -> llm (captioning + text embedding).
 
     `sizing` gives the patch geometry the encoder's patch embeddings take (the data plane cuts the patches);
-    `load_llm_weights=False` skips a pretrained LLM's weights (a saved plait model brings its own).
+    `load_weights=False` skips the pretrained LLM's and towers' weights (a saved plait model brings its own).
+    LoRA adapters are added by `add_adapters` after the build (outside zero.Init under ZeRO-3).
     """
 
-    def __init__(self, cfg: ModelConfig, sizing: SizingConfig, load_llm_weights: bool = True) -> None:
+    def __init__(self, cfg: ModelConfig, sizing: SizingConfig, load_weights: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
         self.routing = RoutingContext()
         backend = cfg.attention_backend
-        self.encoder = Encoder(cfg.encoder, cfg.mome, sizing, self.routing, backend)
-        self.llm = PackedCausalLM(cfg.llm, cfg.mome, cfg.embed_dim, self.routing, backend, load_llm_weights)
+        self.encoder = Encoder(cfg.encoder, cfg.mome, sizing, self.routing, backend, load_weights)
+        self.llm = PackedCausalLM(cfg.llm, cfg.mome, cfg.embed_dim, self.routing, backend, load_weights)
         self.resampler = Resampler(cfg.resampler, cfg.encoder.dim, self.llm.hidden_size, cfg.embed_dim, backend)
+
+    def add_adapters(self) -> None:
+        """LoRA on the LLM when `cfg.llm.lora` is set (its own weights are then frozen); call once, after the build."""
+        if self.cfg.llm.lora is not None:
+            from plait.trainer.model.lora import apply_lora
+
+            apply_lora(self.llm.model, self.cfg.llm.lora)
 
     def forward(self, batch: PackedBatch, captioning: bool = True) -> ModelOutput:
         """One packed micro-batch (possibly empty) -> embeddings, caption logits/targets, routing.

@@ -8,14 +8,19 @@
 Media go through the loader's own preprocessing (`plait.data.preprocess`), captions through its caption
 encoding, and both through the training forward's embedding heads, so the embeddings are the ones training
 computes for the same samples. A saved directory holds everything: `plait_model.json` (model config and
-preprocessing settings), `model.safetensors` (all weights), `tokenizer/`, and `llm/` (the causal LM in
-Hugging Face format, for use without plait).
+preprocessing settings), `model.safetensors` (all weights), `tokenizer/`, `llm_config/` (the dense LLM config
+plait rebuilds its LLM from), `vision_tower/` / `audio_tower/` (a pretrained tower's config and processor config)
+and `llm/` (the causal LM in a stock Hugging Face format with any LoRA adapters merged, for use without plait;
+absent when its MoME layers have no exact stock form, see `hf_export`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -25,16 +30,22 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import PreTrainedTokenizerBase
+from transformers.utils import cached_file
 
 from plait.data.preprocess import Media, MediaPreprocessor, PreprocessConfig
 from plait.data.tokenizer import encode_captions, load_tokenizer
 from plait.kernels.segments import lengths_to_cu
 from plait.trainer.config_loader import build, to_dict
 from plait.trainer.model.config import ModelConfig
+from plait.trainer.model.hf_export import StockExportError, export_llm
+from plait.trainer.model.llm import PackedCausalLM
+from plait.trainer.model.lora import has_lora, merge_lora
 from plait.trainer.model.multimodal import MultimodalModel
 
 if TYPE_CHECKING:
     from plait.trainer.config import RunConfig
+
+logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "plait_model.json"
 """Model config and preprocessing settings of a saved directory."""
@@ -43,8 +54,12 @@ WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 """The caption tokenizer, in `save_pretrained` format."""
 LLM_DIR = "llm"
-"""The causal LM alone, in Hugging Face `save_pretrained` format."""
-FORMAT_VERSION = 1
+"""The causal LM alone, in a stock Hugging Face `save_pretrained` format (absent when it has none)."""
+LLM_CONFIG_DIR = "llm_config"
+"""The LLM's own (dense) Hugging Face config, the architecture `from_pretrained` builds plait's LLM from."""
+TOWER_DIRS = {"vision": "vision_tower", "audio": "audio_tower"}
+"""Per pretrained tower: its checkpoint's config and processor config (architecture and preprocessing)."""
+FORMAT_VERSION = 2
 """Layout version of a saved directory."""
 
 
@@ -69,9 +84,10 @@ class PretrainedModel(nn.Module):
     """A MultimodalModel with its tokenizer and preprocessing: raw media and strings in, unit embeddings out."""
 
     def __init__(self, model_cfg: ModelConfig, preprocess: PreprocessConfig, tokenizer: PreTrainedTokenizerBase,
-                 load_llm_weights: bool = True) -> None:
+                 load_weights: bool = True) -> None:
         super().__init__()
-        self.model = MultimodalModel(model_cfg, preprocess.sizing, load_llm_weights=load_llm_weights)
+        self.model = MultimodalModel(model_cfg, preprocess.sizing, load_weights=load_weights)
+        self.model.add_adapters()
         self.preprocess = MediaPreprocessor(preprocess)
         self.tokenizer = tokenizer
 
@@ -94,15 +110,25 @@ class PretrainedModel(nn.Module):
         flat = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
         return nn.functional.normalize(self.model.embed_text(flat.to(self.device), cu).float(), dim=-1)
 
+    def merge_adapters(self) -> None:
+        """Fold the LLM's LoRA adapters into its weights; the model config no longer asks for LoRA."""
+        merge_lora(self.model.llm.model)
+        cfg = self.model.cfg
+        self.model.cfg = replace(cfg, llm=replace(cfg.llm, lora=None))
+
     def save_pretrained(self, out: str | os.PathLike) -> Path:
-        """Write a self-contained directory (config, weights, tokenizer, HF LLM) that `from_pretrained` reads."""
+        """Write a self-contained directory (config, weights, tokenizer, LLM config, stock HF LLM when it has an exact
+        stock form) that `from_pretrained` reads."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT_VERSION, "model": to_dict(self.model.cfg), "preprocess": to_dict(self.preprocess.cfg)}
         (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         save_model(self.model, str(out / WEIGHTS_NAME))
         self.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
-        self.model.llm.model.save_pretrained(out / LLM_DIR)
+        self.model.llm.model.config.save_pretrained(out / LLM_CONFIG_DIR)
+        for stream, tower in tower_sources(self.model.cfg).items():
+            save_tower_config(tower, out / TOWER_DIRS[stream])
+        save_stock_llm(self.model.llm, out / LLM_DIR)
         return out
 
     @classmethod
@@ -111,11 +137,41 @@ class PretrainedModel(nn.Module):
         path = Path(path)
         meta = read_meta(path)
         model_cfg = build(ModelConfig, meta["model"], source=str(path / CONFIG_NAME), prefix="model")
-        model_cfg = replace(model_cfg, llm=replace(model_cfg.llm, name_or_path=str(path / LLM_DIR)))
+        model_cfg = replace(model_cfg, llm=replace(model_cfg.llm, name_or_path=str(path / LLM_CONFIG_DIR)))
+        towers = {stream: replace(getattr(model_cfg.encoder, stream), pretrained=str(path / TOWER_DIRS[stream]))
+                  for stream in tower_sources(model_cfg)}
+        model_cfg = replace(model_cfg, encoder=replace(model_cfg.encoder, **towers))
         preprocess = build(PreprocessConfig, meta["preprocess"], source=str(path / CONFIG_NAME), prefix="preprocess")
-        model = cls(model_cfg, preprocess, load_tokenizer(path / TOKENIZER_DIR), load_llm_weights=False)
+        model = cls(model_cfg, preprocess, load_tokenizer(path / TOKENIZER_DIR), load_weights=False)
         load_model(model.model, str(path / WEIGHTS_NAME), device=str(device))
         return model.to(device).eval()
+
+
+def save_stock_llm(llm: PackedCausalLM, out: Path) -> None:
+    """Write the LLM to `out` in its stock Hugging Face form (LoRA adapters merged into a copy); without one, log
+    why and leave no `out` (a model whose MLPs load as random weights is worse than none)."""
+    shutil.rmtree(out, ignore_errors=True)
+    if has_lora(llm.model):
+        llm = copy.deepcopy(llm)
+        merge_lora(llm.model)
+    try:
+        export_llm(llm, out)
+    except StockExportError as err:
+        logger.warning("%s not written: %s", out, err)
+
+
+def tower_sources(cfg: ModelConfig) -> dict[str, str]:
+    """The pretrained tower checkpoint of each stream that has one."""
+    towers = {"vision": cfg.encoder.vision.pretrained, "audio": cfg.encoder.audio.pretrained}
+    return {stream: source for stream, source in towers.items() if source}
+
+
+def save_tower_config(source: str, out: Path) -> None:
+    """Copy a tower checkpoint's config and processor config (architecture and preprocessing; weights are in
+    `model.safetensors`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "preprocessor_config.json"):
+        shutil.copyfile(cached_file(source, name), out / name)
 
 
 def read_meta(path: Path) -> dict[str, Any]:
