@@ -156,13 +156,13 @@ def single_rank(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A one-process DeepSpeed group in this process; its environment is undone afterwards."""
     import deepspeed
 
-    from plait.trainer.engine import free_port, init_distributed
+    from plait.trainer.engine import init_distributed
 
     if not torch.cuda.is_available():
         monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": str(free_port())}.items():
-        monkeypatch.setenv(name, value)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # recorded, so what init_distributed sets is undone at teardown
+        monkeypatch.delenv(name)
     init_distributed()
     try:
         yield

@@ -176,5 +176,5 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         raise SystemExit(EXIT_BAD_INPUT) from None

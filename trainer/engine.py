@@ -112,13 +112,20 @@ def init_distributed() -> None:
         if missing:
             raise RuntimeError(f"srun without a launcher: set {' and '.join(missing)} (e.g. the first node's "
                                "hostname and a free port) in the job script")
-    if "RANK" not in os.environ:
-        # Without a launcher DeepSpeed goes looking for mpi4py; a one-rank env:// group needs only these.
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if "RANK" not in os.environ:
+        _init_single_rank(backend)
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def _init_single_rank(backend: str) -> None:
+    """A one-rank group on a store that binds its own port (no window for another process to take it), and the
+    environment DeepSpeed reads so it does not go looking for mpi4py."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, 1, is_master=True)
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port))
+    torch.distributed.init_process_group(backend, store=store, rank=0, world_size=1)
 
 
 def local_rank() -> int:

@@ -48,8 +48,9 @@ def run_state(folder: Path, tag: str) -> dict[str, Any]:
 
 def with_frozen(weights: dict[str, torch.Tensor], module_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`weights` (zero_to_fp32's) plus the frozen parameters it leaves out at ZeRO 0/1 (no optimizer shard holds
-    them there), taken from the module state; ZeRO-3's empty placeholders are not weights."""
-    missing = {k: v for k, v in module_state.items() if k not in weights and v.numel() > 0}
+    them there), taken from the module state; ZeRO-3's empty placeholders and extra states are not weights."""
+    missing = {k: v for k, v in module_state.items()
+               if k not in weights and isinstance(v, torch.Tensor) and v.numel() > 0}
     return {**weights, **{k: v.float() if v.is_floating_point() else v for k, v in missing.items()}}
 
 

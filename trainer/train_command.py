@@ -57,7 +57,7 @@ def run_rank(args: argparse.Namespace) -> int:
         status, code = ("KILLED", EXIT_PREEMPTED) if trainer.preempted else ("FINISHED", 0)
         emit_result(result)
     except NonFiniteStop as err:
-        console.print(f"[bold red]stopped:[/] {err}", highlight=False)
+        console.print(f"[bold red]stopped:[/] {err}", highlight=False, soft_wrap=True)
         code = EXIT_NONFINITE
     finally:
         trainer.close(status)
