@@ -1,7 +1,9 @@
 """plait: multimodal pretraining with DeepSpeed ZeRO, NaViT packing and MoME layers.
 
-The top-level folders `data/`, `trainer/` and `kernels/` are installed as `plait.data`,
-`plait.trainer` and `plait.kernels`; no top-level `data` or `trainer` package is ever installed.
+The top-level folders `data/`, `trainer/` and `ops/` are installed as `plait.data`,
+`plait.trainer` and `plait.ops`; no top-level `data` or `trainer` package is ever installed.
+Run from the repository root, each folder is also importable by its bare name, so none may share a name
+with a package we depend on (`kernels` is Hugging Face's, which transformers imports).
 """
 
 from setuptools import setup
@@ -9,7 +11,7 @@ from setuptools import setup
 SUBPACKAGES = {
     "plait.data": "data",
     "plait.trainer": "trainer",
-    "plait.kernels": "kernels",
+    "plait.ops": "ops",
 }
 
 

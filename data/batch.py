@@ -8,7 +8,7 @@ from functools import cached_property
 import torch
 
 from plait.data.rng import caption_keys
-from plait.kernels.segments import cu_to_lengths, index_counts
+from plait.ops.segments import cu_to_lengths, index_counts
 
 MODALITIES = ("image", "audio", "video")
 """Media modalities, in the order of their integer codes in `PackedBatch.modality` (media codes)."""

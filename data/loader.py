@@ -1,9 +1,10 @@
 """The loader: planned micro-batches → read → decode → patchify → tokenize → PackedBatch, in workers.
 
 The dataset is map-style over step indices: item i is the MicroBatchPlan of step i for this rank,
-read (`plait.data.reader`), decoded at the grid the plan chose, and packed. Workers only execute
-the plan and every random choice is keyed by the sample, so the batches are identical for any
-number of workers. A bad sample is dropped from its batch and counted by reason; the main process
+read (`plait.data.reader`), decoded at the grid the plan chose, and packed. The loader's sampler asks
+for each plan in the main process (one plan per rank, whatever the worker count) and hands it to a
+worker with its index; workers only execute plans and every random choice is keyed by the sample,
+so the batches are identical for any number of workers. A bad sample is dropped from its batch and counted by reason; the main process
 tracks runs of consecutive failures across steps (in step order) and stops the run with the shard
 and key of the last one when a run gets too long.
 """
@@ -41,7 +42,10 @@ SKIP_REASONS = READ_REASONS + tuple(r for r in DECODE_REASONS if r not in READ_R
 """Every reason a planned sample is skipped; each has a `skipped_<reason>` counter in every batch."""
 
 Plans = Sequence[MicroBatchPlan] | Callable[[int], MicroBatchPlan]
-"""Where step i's MicroBatchPlan comes from: a list, or a function of the step (e.g. the sample plan)."""
+"""Where step i's MicroBatchPlan comes from: a list, or a function of the step called in step order in the main
+process (e.g. the sample plan)."""
+Item = int | tuple[int, MicroBatchPlan]
+"""A dataset item: a step index, or a step index with its plan already made (what the loader's sampler sends)."""
 
 
 @dataclass(kw_only=True)
@@ -140,8 +144,9 @@ class PlanDataset(Dataset):
         """The plan of one step."""
         return self.plans[step] if isinstance(self.plans, Sequence) else self.plans(step)
 
-    def __getitem__(self, step: int) -> LoadedStep:
-        return self.load(step, self.plan(step))
+    def __getitem__(self, item: Item) -> LoadedStep:
+        step, plan = item if isinstance(item, tuple) else (item, self.plan(item))
+        return self.load(step, plan)
 
     def load(self, step: int, plan: MicroBatchPlan) -> LoadedStep:
         """Read, decode and pack one planned micro-batch; bad samples are left out and listed."""
@@ -209,14 +214,15 @@ class FailureGuard:
             self._last_log = now
 
 
-class _StepSampler(Sampler[int]):
-    """Steps [start, stop); `start` moves on resume without rebuilding (persistent) workers."""
+class _StepSampler(Sampler[tuple[int, MicroBatchPlan]]):
+    """(step, plan) of steps [start, stop), planned here in the main process; `start` moves on resume without
+    rebuilding (persistent) workers."""
 
-    def __init__(self, start: int, stop: int) -> None:
-        self.start, self.stop = start, stop
+    def __init__(self, dataset: PlanDataset, start: int, stop: int) -> None:
+        self.dataset, self.start, self.stop = dataset, start, stop
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.start, self.stop))
+    def __iter__(self) -> Iterator[tuple[int, MicroBatchPlan]]:
+        return ((step, self.dataset.plan(step)) for step in range(self.start, self.stop))
 
     def __len__(self) -> int:
         return max(self.stop - self.start, 0)
@@ -228,7 +234,7 @@ class PlanLoader:
     def __init__(self, dataset: PlanDataset, workers: int = 0, max_consecutive_failures: int = 100,
                  start_step: int = 0, persistent_workers: bool = True) -> None:
         self.dataset = dataset
-        self.sampler = _StepSampler(start_step, len(dataset))
+        self.sampler = _StepSampler(dataset, start_step, len(dataset))
         self.guard = FailureGuard(max_consecutive_failures, dataset.cfg.log_interval_s)
         self.next_step = start_step
         extra = {"prefetch_factor": dataset.cfg.prefetch_factor, "persistent_workers": persistent_workers} \

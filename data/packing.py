@@ -17,7 +17,7 @@ import torch
 from plait.data.batch import MODALITIES, STREAM_OF_MODALITY, PackedBatch, PackedStream
 from plait.data.checks import check_at_least
 from plait.data.token_drop import kept_mask
-from plait.kernels.segments import cu_from_starts, cu_to_lengths, lengths_to_cu
+from plait.ops.segments import cu_from_starts, cu_to_lengths, lengths_to_cu
 
 STREAMS = ("vision", "audio")
 """Encoder stream names, in the order they are built."""

@@ -43,6 +43,8 @@ ValuesAt = Callable[[int], tuple[Mapping[int, float], float, Mapping[str, float]
 """step → (resolution distribution, mean token drop rate, modality mix), e.g. from `Curriculum.at(step)`."""
 AgreeMax = Callable[[int], int]
 """All-reduce MAX of an integer over the data-parallel ranks (lets a rank plan only its own share)."""
+NextChange = Callable[[int], "int | None"]
+"""Optimizer step → the next later step at which the sizing values (resolution, token drop) change, or None."""
 
 
 @dataclass(kw_only=True)
@@ -59,9 +61,12 @@ class PlanConfig:
     """Fraction of groups held out (whole groups, chosen by a hash of the group id)."""
     manifest_cache: int = 8
     """Per-shard manifests kept in memory per modality stream (a rank reads one or two per window)."""
+    replan_every: int = 100
+    """During a curriculum ramp of resolution or token drop, each rank re-sizes what it has left at least every
+    this many optimizer steps (a step change takes effect at its own step)."""
 
     def __post_init__(self) -> None:
-        check_positive(self, "window_samples", "manifest_cache")
+        check_positive(self, "window_samples", "manifest_cache", "replan_every")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
         if self.split not in ("train", "eval"):
@@ -82,6 +87,8 @@ class RankStep:
     """Planned tail padding tokens over the batch's streams."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Samples the plan could not place, by reason (reported on the rank's first step of a segment)."""
+    values: dict[str, object] = field(default_factory=dict)
+    """The curriculum's sizing values in force (resolution, token drop rate)."""
 
     @property
     def mix(self) -> dict[str, int]:
@@ -206,23 +213,45 @@ def batch_padding(plan: RankPlan, batch: np.ndarray, packing: PackingConfig) -> 
 
 @dataclass
 class _Segment:
-    """One world-size segment of a window: every rank's plan (or only the materialised ones)."""
+    """One segment of a window: the plans of the ranks this process needs, its step count and step order."""
 
     world_size: int
-    positions: list[np.ndarray]
     ranks: dict[int, RankPlan]
     steps: int
+    """Steps every rank of the segment runs (the max over ranks, computed or agreed)."""
+    limit: int
+    """Steps before the curriculum's next sizing change cuts the segment (`steps` when it is not cut)."""
     order: np.ndarray
+    values: dict[str, object]
+    """The curriculum's sizing values the segment was planned with (resolution, token drop rate)."""
+
+
+def leftover(plan: RankPlan, order: np.ndarray, consumed: int) -> list[np.ndarray]:
+    """Stream positions of each modality of the rank's samples not in its first `consumed` steps (too-long ones
+    excluded: they never fit)."""
+    done = [plan.batches[k] for k in order[:consumed].tolist() if k < len(plan.batches)]
+    used = np.zeros(len(plan.rows["key"]), dtype=bool)
+    used[np.concatenate([np.zeros(0, dtype=np.int64), plan.too_long, *done])] = True
+    rows = plan.rows
+    return [np.sort(rows["position"][~used & (rows["modality"] == m)]) for m in range(len(MODALITIES))]
 
 
 class SamplePlan:
-    """Deterministic per-(step, rank) micro-batch plans with exact and elastic resume."""
+    """Deterministic per-(step, rank) micro-batch plans with exact and elastic resume.
+
+    Steps are micro-batch indices; `accumulation` of them make an optimizer step, the unit `values_at` and
+    `next_change` take. With `agree`, the plan computes only `ranks`' shares and agrees on each segment's
+    step count through it; without, it plans every rank to find the count itself.
+    """
 
     def __init__(self, source: ShardSource, *, seed: int, sizing: SizingConfig, token_drop: TokenDropConfig,
                  packing: PackingConfig, values_at: ValuesAt, world_size: int, ranks: list[int] | None = None,
-                 config: PlanConfig | None = None, agree: AgreeMax | None = None, fingerprint_extra: str = "") -> None:
+                 config: PlanConfig | None = None, agree: AgreeMax | None = None, fingerprint_extra: str = "",
+                 accumulation: int = 1, next_change: NextChange | None = None) -> None:
         if world_size < 1:
             raise ValueError(f"world_size: must be >= 1, got {world_size}")
+        if accumulation < 1:
+            raise ValueError(f"accumulation: must be >= 1, got {accumulation}")
         self.source, self.seed, self.values_at, self.world_size = source, seed, values_at, world_size
         self.sizing, self.token_drop, self.packing = sizing, token_drop, packing
         self.cfg = config or PlanConfig()
@@ -230,19 +259,20 @@ class SamplePlan:
         if any(not 0 <= r < world_size for r in self.ranks):
             raise ValueError(f"ranks: {self.ranks} are not all in [0, {world_size})")
         self.agree = agree
+        self.next_change = next_change
         self.split = SplitSpec(heldout=self.cfg.split == "eval", fraction=self.cfg.eval_fraction)
         self._counts = source.counts()
-        self.state = PlanState(fingerprint=self._fingerprint(fingerprint_extra))
+        self.state = PlanState(fingerprint=self._fingerprint(fingerprint_extra), accumulation=accumulation)
         self._layout: EpochLayout | None = None
         self._segment: _Segment | None = None
         self._epoch_first_step: int | None = 0
 
     def _fingerprint(self, extra: str) -> str:
-        """Hash of all plan inputs except the world size."""
+        """Hash of all plan inputs except the world size and the accumulation."""
         parts = {"seed": self.seed, "data": self.source.identity(), "sizing": asdict(self.sizing),
                  "token_drop": asdict(self.token_drop), "packing": asdict(self.packing),
                  "window": self.cfg.window_samples, "split": self.cfg.split, "mix": self.cfg.mix,
-                 "eval_fraction": self.cfg.eval_fraction, "extra": extra}
+                 "eval_fraction": self.cfg.eval_fraction, "replan_every": self.cfg.replan_every, "extra": extra}
         return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=8).hexdigest()
 
     # ----------------------------------------------------------------- state
@@ -252,18 +282,29 @@ class SamplePlan:
         return self.state.to_dict()
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Resume: same world size continues exactly; another one re-plans what the current window has left."""
+        """Resume: same world size continues exactly; another one re-plans what the current window has left.
+        The accumulation continues as this plan's (re-anchored at the saved step when it differs)."""
         loaded = PlanState.from_dict(state)
         if loaded.fingerprint != self.state.fingerprint:
             raise ValueError(f"fingerprint: plan state {loaded.fingerprint} was made with other data or settings "
                              f"(now {self.state.fingerprint})")
         if loaded.segments and loaded.segments[-1][0] != self.world_size:
+            pooled = [self.world_size, 0, -1, 0, loaded.optimizer_step(loaded.step)]
             if loaded.segments[-1][1] == 0:
-                loaded.segments[-1][0] = self.world_size
+                loaded.segments[-1] = pooled
             else:
-                loaded.segments.append([self.world_size, 0])
+                loaded.segments.append(pooled)
+        loaded.set_accumulation(self.state.accumulation)
         self.state = loaded
         self._layout, self._segment, self._epoch_first_step = None, None, None
+
+    def _new_segment(self, local: bool) -> list[int]:
+        """A segment starting at the next micro-batch, not yet planned."""
+        return [self.world_size, 0, -1, int(local), self.state.optimizer_step(self.state.step)]
+
+    def index_of(self, step: int, micro: int = 0) -> int:
+        """The micro-batch index of micro-batch `micro` of optimizer step `step`."""
+        return self.state.first_index(step) + micro
 
     # ----------------------------------------------------------------- planning
 
@@ -276,54 +317,83 @@ class SamplePlan:
     def _window_positions(self) -> list[np.ndarray]:
         """Stream positions of each modality that the current window takes."""
         state, totals = self.state, self.layout().totals
-        _, _, mix = self.values_at(state.window_step)
+        _, _, mix = self.values_at(state.segments[0][4])
         cursors = np.array(state.cursors, dtype=np.int64)
         take = window_take(totals - cursors, mix_weights(mix), self.cfg.window_samples)
         return [np.arange(c, c + n, dtype=np.int64) for c, n in zip(cursors, take)]
 
-    def _inputs(self) -> SizingInputs:
-        """Sizing inputs of the current window (curriculum values at its first step)."""
-        resolution, drop_rate, _ = self.values_at(self.state.window_step)
+    def _inputs(self, step: int) -> SizingInputs:
+        """Sizing inputs of a segment starting at optimizer step `step` (the curriculum values there)."""
+        resolution, drop_rate, _ = self.values_at(step)
         return SizingInputs(self.seed, self.state.epoch, self.sizing, self.token_drop, self.packing,
                             resolution, drop_rate)
 
-    def _plan_segment(self, positions: list[np.ndarray], world: int, index: int, ranks: list[int],
-                      agree: AgreeMax | None) -> _Segment:
-        """Plan `ranks` of one segment; the step count is the max over all ranks (computed or agreed)."""
-        inputs, state = self._inputs(), self.state
-        planned = ranks if agree is not None else range(world)
-        plans = {r: plan_rank(self.source, self.layout(), [rank_share(p, world, r) for p in positions], inputs,
-                              self.split, (state.epoch, state.window, index, r)) for r in planned}
-        longest = max((len(p.batches) for p in plans.values()), default=0)
-        steps = agree(longest) if agree is not None else longest
-        order = keyed_rng(self.seed, "plan-step-order", state.epoch, state.window, index).permutation(steps)
-        return _Segment(world, positions, {r: plans[r] for r in ranks}, steps, order)
+    def _limit(self, start: int, step: int, steps: int) -> int:
+        """Steps of a segment starting at micro-batch `start` (optimizer step `step`) before the curriculum next
+        changes the sizing values."""
+        change = self.next_change(step) if self.next_change else None
+        return steps if change is None else min(steps, self.state.first_index(change) - start)
 
-    @staticmethod
-    def _remaining(segment: _Segment, consumed: int) -> list[np.ndarray]:
-        """Positions of the segment that no rank consumed in its first `consumed` steps (too-long ones excluded)."""
-        used = [np.zeros(0, dtype=np.int64)]
-        done = set(segment.order[:consumed].tolist())
-        for plan in segment.ranks.values():
-            taken = [b for k, b in enumerate(plan.batches) if k in done] + [plan.too_long]
-            index = np.concatenate(taken)
-            used.append(plan.rows["position"][index] + plan.rows["modality"][index] * (1 << 48))
-        used_ids = np.concatenate(used)
-        return [p[~np.isin(p + m * (1 << 48), used_ids)] for m, p in enumerate(segment.positions)]
+    def _plan_segment(self, index: int, start: int, shares: dict[int, list[np.ndarray]]) -> _Segment:
+        """Plan the given ranks' shares of segment `index` (starting at micro-batch `start`); its step count is
+        the saved one, else the max over ranks (all of them planned, or agreed)."""
+        state = self.state
+        world, _, steps, _, first_step = state.segments[index]
+        inputs = self._inputs(first_step)
+        plans = {r: plan_rank(self.source, self.layout(), share, inputs, self.split, (state.epoch, state.window,
+                                                                                       index, r))
+                 for r, share in shares.items()}
+        if steps < 0:
+            longest = max((len(p.batches) for p in plans.values()), default=0)
+            steps = longest if len(plans) == world else self.agree(longest)
+            state.segments[index][2] = steps
+        order = keyed_rng(self.seed, "plan-step-order", state.epoch, state.window, index).permutation(steps)
+        values = {"resolution": dict(inputs.resolution), "token_drop_rate": inputs.drop_rate}
+        return _Segment(world, plans, steps, self._limit(start, first_step, steps), order, values)
+
+    def _needed_ranks(self) -> list[list[int]]:
+        """Ranks to plan in each segment of the window: every rank where the step count or a pooled leftover
+        needs them all, else only this plan's ranks (a curriculum cut keeps each rank's leftover local)."""
+        segments = self.state.segments
+        everyone = self.agree is None
+        needed = [self.ranks if not everyone else list(range(segments[-1][0]))]
+        for k in range(len(segments) - 2, -1, -1):
+            local = segments[k + 1][3] and not everyone
+            needed.insert(0, needed[0] if local else list(range(segments[k][0])))
+        return needed
 
     def _build_segment(self) -> _Segment:
         """Re-plan the current window's earlier segments (if any), then plan the one in progress."""
         state = self.state
         if not state.segments:
-            state.segments = [[self.world_size, 0]]
-        positions = self._window_positions()
-        for index, (world, consumed) in enumerate(state.segments[:-1]):
-            earlier = self._plan_segment(positions, world, index, list(range(world)), None)
-            positions = self._remaining(earlier, consumed)
-        segment = self._plan_segment(positions, self.world_size, len(state.segments) - 1, self.ranks, self.agree)
+            state.segments = [self._new_segment(local=False)]
+        pooled, kept = self._window_positions(), {}
+        start = state.window_step
+        for index, ranks in enumerate(self._needed_ranks()):
+            world, consumed, _, local, _ = state.segments[index]
+            shares = {r: kept[r] for r in ranks} if local else {r: [rank_share(p, world, r) for p in pooled]
+                                                                 for r in ranks}
+            segment = self._plan_segment(index, start, shares)
+            if index == len(state.segments) - 1:
+                break
+            kept = {r: leftover(plan, segment.order, consumed) for r, plan in segment.ranks.items()}
+            pooled = [np.sort(np.concatenate([share[m] for share in kept.values()])) for m in range(len(MODALITIES))]
+            start += consumed
         for plan in segment.ranks.values():
             add_seeds(plan, self.seed, state.epoch)
         return segment
+
+    def _cut(self, segment: _Segment) -> _Segment:
+        """The segment that follows a curriculum cut: each planned rank's leftover, re-planned at the new values."""
+        state = self.state
+        consumed = state.segments[-1][1]
+        start = state.step
+        kept = {r: leftover(plan, segment.order, consumed) for r, plan in segment.ranks.items()}
+        state.segments.append(self._new_segment(local=True))
+        cut = self._plan_segment(len(state.segments) - 1, start, kept)
+        for plan in cut.ranks.values():
+            add_seeds(plan, self.seed, state.epoch)
+        return cut
 
     def _advance_window(self, take: list[np.ndarray]) -> None:
         """Move past the finished window (and epoch)."""
@@ -331,7 +401,7 @@ class SamplePlan:
         state.cursors = [c + len(p) for c, p in zip(state.cursors, take)]
         state.window += 1
         state.window_step = state.step
-        state.segments = [[self.world_size, 0]]
+        state.segments = [self._new_segment(local=False)]
         if np.array_equal(state.cursors, self.layout().totals):
             if self._epoch_first_step == state.step:
                 raise ValueError(f"split: epoch {state.epoch} has no usable {self.cfg.split} samples")
@@ -340,32 +410,36 @@ class SamplePlan:
         self._segment = None
 
     def _current(self) -> _Segment:
-        """The segment holding the next step, advancing past finished windows."""
+        """The segment holding the next step, cutting at curriculum changes and advancing past finished windows."""
         while True:
             if self._segment is None:
                 self._segment = self._build_segment()
-            if self.state.segments[-1][1] < self._segment.steps:
-                return self._segment
-            self._advance_window(self._window_positions())
+            segment, consumed = self._segment, self.state.segments[-1][1]
+            if consumed < segment.limit:
+                return segment
+            if segment.limit < segment.steps:
+                self._segment = self._cut(segment)
+            else:
+                self._advance_window(self._window_positions())
 
     def upcoming_epoch(self) -> int:
         """Epoch of the next step (rolls past finished windows and epochs first)."""
         self._current()
         return self.state.epoch
 
-    def at_step(self, step: int) -> list[RankStep]:
-        """Plans at global `step`, skipping ahead (forward only: each DataLoader worker keeps its own copy)."""
-        if step < self.state.step:
-            raise ValueError(f"step: {step} is behind the plan (at {self.state.step}); load an earlier state")
-        while self.state.step < step:
+    def at_step(self, index: int) -> list[RankStep]:
+        """Plans at micro-batch `index`, skipping ahead (forward only)."""
+        if index < self.state.step:
+            raise ValueError(f"step: {index} is behind the plan (at {self.state.step}); load an earlier state")
+        while self.state.step < index:
             segment = self._current()
-            skip = min(step - self.state.step, segment.steps - self.state.segments[-1][1])
+            skip = min(index - self.state.step, segment.limit - self.state.segments[-1][1])
             self.state.segments[-1][1] += skip
             self.state.step += skip
         return self.next_step()
 
     def next_step(self) -> list[RankStep]:
-        """Plans of this object's ranks for the next step, then advance."""
+        """Plans of this object's ranks for the next micro-batch, then advance."""
         segment = self._current()
         state = self.state
         within = state.segments[-1][1]
@@ -387,7 +461,9 @@ class SamplePlan:
                              augment_seed=int(plan.seeds["augment"][i])) for i in batch]
         tokens, padding = batch_padding(plan, batch, self.packing)
         cost = float(plan.cost[slot]) if slot < len(plan.batches) else 0.0
-        micro = MicroBatchPlan(epoch=self.state.epoch, step=self.state.step, rank=rank, samples=samples,
-                               tokens=tokens, cost=cost)
+        state = self.state
+        step = state.optimizer_step(state.step)
+        micro = MicroBatchPlan(epoch=state.epoch, step=step, micro=state.step - state.first_index(step),
+                               index=state.step, rank=rank, samples=samples, tokens=tokens, cost=cost)
         skipped = {"too_long": len(plan.too_long)} if first and len(plan.too_long) else {}
-        return RankStep(plan=micro, padding=padding, skipped=skipped)
+        return RankStep(plan=micro, padding=padding, skipped=skipped, values=segment.values)

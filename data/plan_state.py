@@ -2,8 +2,11 @@
 
 Position is world-size independent: an epoch is a sequence of windows; a window takes the next
 `n[m]` samples of each modality's epoch stream (so the state needs only the stream cursors at the
-window's start), and is consumed in one or more *segments* — a new segment starts whenever the
-world size changes mid-window, re-planning only what the previous segments left.
+window's start), and is consumed in one or more *segments*. A new segment starts whenever the world
+size changes mid-window (what no rank consumed is pooled and split over the new world size) or the
+curriculum's sizing values change (each rank re-plans what it has left at the new values).
+Steps are counted in micro-batches; `accumulation` micro-batches make one optimizer step, counted
+from `anchor` (re-anchored when a resumed run changes its gradient accumulation).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 
 from plait.data.batch import MODALITIES
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclass
@@ -28,15 +31,39 @@ class PlanState:
     epoch: int = 0
     """Current epoch."""
     step: int = 0
-    """Next global step to plan."""
+    """Next micro-batch to plan (its index in the run's sequence of micro-batches)."""
     window: int = 0
     """Window index within the epoch."""
     window_step: int = 0
-    """Global step at which the current window started (its curriculum values are read there)."""
+    """Micro-batch index at which the current window started."""
     cursors: list[int] = field(default_factory=lambda: [0] * len(MODALITIES))
     """Samples of each modality's epoch stream taken by the windows before the current one."""
     segments: list[list[int]] = field(default_factory=list)
-    """[world_size, steps consumed] of each segment of the current window; the last is in progress."""
+    """[world_size, steps consumed, steps planned (-1 until planned), local, first optimizer step] of each segment
+    of the current window, the last in progress; `local` 1 = a curriculum cut (each rank keeps its leftover),
+    0 = pooled; the curriculum values are read at the first optimizer step."""
+    accumulation: int = 1
+    """Micro-batches per optimizer step since `anchor`."""
+    anchor: list[int] = field(default_factory=lambda: [0, 0])
+    """[micro-batch index, optimizer step] where the current `accumulation` took effect."""
+
+    def optimizer_step(self, index: int) -> int:
+        """The optimizer step micro-batch `index` belongs to."""
+        return self.anchor[1] + (index - self.anchor[0]) // self.accumulation
+
+    def first_index(self, step: int) -> int:
+        """The index of the first micro-batch of optimizer step `step`."""
+        return self.anchor[0] + (step - self.anchor[1]) * self.accumulation
+
+    def set_accumulation(self, accumulation: int) -> None:
+        """Continue with `accumulation` micro-batches per step from the next one (which must start a step)."""
+        if accumulation == self.accumulation:
+            return
+        if (self.step - self.anchor[0]) % self.accumulation:
+            raise ValueError(f"gradient_accumulation_steps: the plan stands mid-step (micro-batch {self.step}); "
+                             "accumulation can change only between optimizer steps")
+        self.anchor = [self.step, self.optimizer_step(self.step)]
+        self.accumulation = accumulation
 
     def to_dict(self) -> dict:
         """Plain dict (JSON-able) for checkpoints."""
@@ -50,7 +77,8 @@ class PlanState:
         return cls(fingerprint=str(state["fingerprint"]), epoch=int(state["epoch"]), step=int(state["step"]),
                    window=int(state["window"]), window_step=int(state["window_step"]),
                    cursors=[int(c) for c in state["cursors"]],
-                   segments=[[int(w), int(s)] for w, s in state["segments"]])
+                   segments=[[int(v) for v in segment] for segment in state["segments"]],
+                   accumulation=int(state["accumulation"]), anchor=[int(v) for v in state["anchor"]])
 
     def nbytes(self) -> int:
         """Size of the state as compact JSON (what a checkpoint stores per rank)."""

@@ -38,7 +38,7 @@ class MicroBatchPlan:
     epoch: int
     """Epoch this step belongs to."""
     step: int
-    """Step within the run (global optimizer micro-step counter)."""
+    """Optimizer step of the run."""
     rank: int
     """Data-parallel rank."""
     samples: list[SampleRef] = field(default_factory=list)
@@ -47,3 +47,7 @@ class MicroBatchPlan:
     """Planned encoder tokens (after dropping) over both streams."""
     cost: float = 0.0
     """Planned attention cost (sum of squared segment lengths), the balancing criterion."""
+    micro: int = 0
+    """Micro-batch of the optimizer step (gradient accumulation), from 0."""
+    index: int = 0
+    """Position in the run's sequence of micro-batches (the order the loader delivers them in)."""

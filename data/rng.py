@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from numpy.random.bit_generator import ISeedSequence
 
-from plait.kernels.segments import cu_to_lengths, segment_ids, segment_positions
+from plait.ops.segments import cu_to_lengths, segment_ids, segment_positions
 
 KeyPart = int | str | bytes
 """One component of a key: an integer (seed, epoch, step, rank), a string (sample key, purpose) or bytes."""

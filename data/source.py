@@ -9,7 +9,7 @@ import webdataset as wds
 from plait.data.config import DataConfig
 from plait.data.dataset_index import DatasetIndex
 from plait.data.manifest import INDEX_NAME, caption_and_group
-from plait.data.plan import AgreeMax, PlanConfig, SamplePlan, ValuesAt
+from plait.data.plan import AgreeMax, NextChange, PlanConfig, SamplePlan, ValuesAt
 from plait.data.tar_scan import iter_samples
 
 
@@ -30,14 +30,16 @@ def open_dataset(data: DataConfig) -> DatasetIndex:
 
 def build_plan(data: DataConfig, index: DatasetIndex, seed: int, values_at: ValuesAt, fingerprint: str,
                world_size: int, ranks: list[int] | None = None, plan_cfg: PlanConfig | None = None,
-               agree: AgreeMax | None = None) -> SamplePlan:
+               agree: AgreeMax | None = None, accumulation: int = 1,
+               next_change: NextChange | None = None) -> SamplePlan:
     """The sample plan over `index` for `ranks` (default all) of `world_size` ranks.
 
     `values_at` gives the curriculum's data values at a step; `fingerprint` identifies that schedule in the state.
     """
     return SamplePlan(index, seed=seed, sizing=data.sizing, token_drop=data.token_drop, packing=data.packing,
                       values_at=values_at, world_size=world_size, ranks=ranks, config=plan_cfg or data.plan,
-                      agree=agree, fingerprint_extra=fingerprint)
+                      agree=agree, fingerprint_extra=fingerprint, accumulation=accumulation,
+                      next_change=next_change)
 
 
 def dataset_captions(index: DatasetIndex, limit: int) -> list[str]:

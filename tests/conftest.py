@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 # Triton reads this once, when first imported (any test module may import it first): the kernel tests
@@ -29,6 +30,24 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_demo(out, DemoSpec(samples=60, samples_per_shard=20))
     index_dataset(str(out), workers=1)
     return out
+
+
+RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+"""What an in-process group sets; left behind, the CLI runs a test starts would join that group's port."""
+
+
+@pytest.fixture(autouse=True)
+def _rank_env_undone(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A process group a test makes in this process ends with it, and so do the rank variables it set."""
+    for name in RANK_ENV:
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+        if not os.environ[name]:
+            monkeypatch.delenv(name)
+    yield
+    if torch.distributed.is_initialized():
+        import deepspeed
+
+        deepspeed.comm.destroy_process_group()
 
 
 def run_plait(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:

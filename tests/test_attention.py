@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from plait.kernels import attention
-from plait.kernels.attention import reference_varlen_attention, select_backend, varlen_attention
+from plait.ops import attention
+from plait.ops.attention import reference_varlen_attention, select_backend, varlen_attention
 
 
 def _cu(lengths: list[int]) -> torch.Tensor:
@@ -89,7 +89,7 @@ def test_causal_needs_equal_lengths():
 def test_auto_picks_bucketed_on_cpu_and_logs_once(caplog, monkeypatch):
     monkeypatch.setattr(attention, "_logged_paths", set())
     q = torch.zeros(1, 1, 8)
-    with caplog.at_level(logging.INFO, logger="plait.kernels.attention"):
+    with caplog.at_level(logging.INFO, logger="plait.ops.attention"):
         assert select_backend(q) == "bucketed"
         assert select_backend(q) == "bucketed"
     assert sum("bucketed path" in r.message for r in caplog.records) == 1

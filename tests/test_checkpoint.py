@@ -12,11 +12,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from plait.trainer.checkpoint import (LATEST, META, PreemptionFlag, complete_tags, latest_tag, purge, rng_state,
                                       set_rng_state, tag_of)
 
+from plait.trainer.train import kept_accumulation
 from test_train_distributed import LAUNCH, write_config
 
 
@@ -41,6 +43,18 @@ def test_latest_names_only_complete_checkpoints(tmp_path: Path):
     # `latest` naming an incomplete folder falls back to the newest complete one.
     (tmp_path / LATEST).write_text(tag_of(30))
     assert latest_tag(tmp_path) == tag_of(20)
+
+
+@pytest.mark.parametrize(("saved", "world", "expected"), [((2, 2), 1, 4), ((2, 2), 4, 1), ((4, 3), 6, 2), ((1, 1), 1, 1)])
+def test_keep_global_batch_keeps_ranks_times_accumulation(saved: tuple[int, int], world: int, expected: int):
+    meta = {"world_size": saved[0], "accumulation": saved[1]}
+    assert kept_accumulation(meta, world) == expected
+    assert expected * world == saved[0] * saved[1]
+
+
+def test_keep_global_batch_that_cannot_divide_names_the_field():
+    with pytest.raises(ValueError, match=r"deepspeed.keep_global_batch.*6 micro-batches.*4 ranks"):
+        kept_accumulation({"world_size": 2, "accumulation": 3}, 4)
 
 
 def test_purge_keeps_the_newest_k_and_their_universal_copies(tmp_path: Path):

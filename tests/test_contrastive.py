@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from plait.data.rng import key_ids
-from plait.kernels.infonce import MatchIds
+from plait.ops.infonce import MatchIds
 from plait.trainer.losses.config import ContrastiveConfig, HardNegativeConfig, LossConfig, QueueConfig
 from plait.trainer.losses.contrastive import PAIRS, ContrastiveLoss, gather_batch
 from plait.trainer.losses.hard_negatives import select_negatives

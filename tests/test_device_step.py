@@ -20,7 +20,7 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve()
-ALLOWED = ("/deepspeed/", "kernels/attention.py:")
+ALLOWED = ("/deepspeed/", "ops/attention.py:")
 """Sync sites the test allows: DeepSpeed's own (its overflow and gradient-norm checks), and the CPU attention
 fallback (`_bucketed_attention` groups sequences by length on the host; on CUDA in bf16 the flash-attn and
 torch varlen paths take their lengths from the batch's host metadata)."""

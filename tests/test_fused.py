@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from plait.kernels import fused
+from plait.ops import fused
 
 
 def test_norms_are_torch_on_cpu_and_match_formulas():
@@ -48,7 +48,7 @@ def test_adamw_is_foreach_on_cpu_and_matches_formula(caplog):
     grads = [torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(4)]
     param = torch.nn.Parameter(start.clone())
     fused._logged.discard(("adamw", "torch AdamW(foreach=True)"))
-    with caplog.at_level(logging.INFO, logger="plait.kernels.fused"):
+    with caplog.at_level(logging.INFO, logger="plait.ops.fused"):
         opt = fused.make_adamw([{"params": [param]}], lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["foreach"] and not opt.defaults["fused"]
     assert "adamw: using torch AdamW(foreach=True) (cpu)" in caplog.text

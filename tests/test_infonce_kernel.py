@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from plait.kernels.infonce import MatchIds, infonce_chunked, infonce_reference
+from plait.ops.infonce import MatchIds, infonce_chunked, infonce_reference
 
 
 def make_case(seed: int, b: int = 5, n: int = 7, q: int = 11, d: int = 4, with_negatives: bool = False):

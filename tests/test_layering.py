@@ -1,4 +1,4 @@
-"""The layering reads one way: kernels ← data ← trainer runtime ← commands and benches (docs/architecture.md)."""
+"""The layering reads one way: ops ← data ← trainer runtime ← commands and benches (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ LOOP = "plait.trainer.train"
 
 
 def module_name(path: Path) -> str:
-    """`plait.<package>.<module>` of a source file in data/, kernels/ or trainer/."""
+    """`plait.<package>.<module>` of a source file in data/, ops/ or trainer/."""
     parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(("plait", *parts)).removesuffix(".__init__")
 
@@ -33,12 +33,12 @@ def imports(path: Path) -> set[str]:
     return names
 
 
-SOURCES = sorted(p for folder in ("data", "kernels", "trainer") for p in (ROOT / folder).rglob("*.py"))
+SOURCES = sorted(p for folder in ("data", "ops", "trainer") for p in (ROOT / folder).rglob("*.py"))
 
 
 def _forbidden(module: str) -> tuple[str, ...]:
     """Import prefixes `module` may not use."""
-    if module.startswith("plait.kernels"):
+    if module.startswith("plait.ops"):
         return ("plait.data", "plait.trainer")
     if module.startswith("plait.data"):
         return ("plait.trainer",)

@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from plait.data.sizing import SizingConfig
-from plait.kernels.attention import flash_attn_available
+from plait.ops.attention import flash_attn_available
 from plait.trainer.bench.model import make_batch
 from plait.trainer.model.accounting import estimate_flops, parameter_counts
 from plait.trainer.model.config import EncoderConfig, LLMConfig, ModelConfig, MoMEConfig, ResamplerConfig

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from plait.kernels.moe import grouped_ffn, grouped_mm_supported
+from plait.ops.moe import grouped_ffn, grouped_mm_supported
 from plait.trainer.model.config import LLMConfig, MoMEConfig
 from plait.trainer.model.llm import PackedCausalLM
 from plait.trainer.model.llm_support import check_llm_supported

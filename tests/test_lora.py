@@ -6,7 +6,6 @@ and a single-process ZeRO-3 build whose adapters match a plain build's and whose
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -152,22 +151,13 @@ def test_same_seed_same_adapters_and_config_errors():
 
 
 @pytest.fixture
-def single_rank(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """A one-process DeepSpeed group in this process; its environment is undone afterwards."""
-    import deepspeed
-
+def single_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-process DeepSpeed group in this process (conftest ends it with the test)."""
     from plait.trainer.engine import init_distributed
 
     if not torch.cuda.is_available():
         monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.setenv(name, "")  # recorded, so what init_distributed sets is undone at teardown
-        monkeypatch.delenv(name)
     init_distributed()
-    try:
-        yield
-    finally:
-        deepspeed.comm.destroy_process_group()
 
 
 ZERO3 = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "bf16": {"enabled": False},

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from plait.kernels.moe import dispatch, expert_capacity, ffn_rows, reference_moe
+from plait.ops.moe import dispatch, expert_capacity, ffn_rows, reference_moe
 from plait.trainer.model.config import MoMEConfig
 from plait.trainer.model.encoder import FeedForward
 from plait.trainer.model.mome import MoMELayer, RoutingContext, assignment_counts
@@ -155,7 +155,7 @@ def test_config_validation_names_the_field(field, value):
 
 @pytest.mark.parametrize("gated", [True, False])
 def test_grouped_gemm_path_equals_each_expert_on_its_block(gated):
-    from plait.kernels.moe import grouped_ffn, grouped_mm_supported
+    from plait.ops.moe import grouped_ffn, grouped_mm_supported
 
     gen = torch.Generator().manual_seed(0)
     counts = torch.tensor([5, 0, 9, 2])

@@ -6,15 +6,12 @@ import argparse
 import collections
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from plait.data.batch import MODALITIES
 from plait.data.dataset_index import DatasetIndex
@@ -252,41 +249,6 @@ def test_elastic_resume_state_is_exact_at_the_new_world_size(demo_dir: Path) -> 
     third = make_plan(demo_dir, 1)
     third.load_state_dict(again.state_dict())
     assert signature(head + walk_steps(third, 5)) == expected
-
-
-# ---------------------------------------------------------------- distributed: each rank plans only its share
-
-
-def _rank_main(rank: int, root: str, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    import torch
-
-    def agree(count: int) -> int:
-        value = torch.tensor([count])
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return int(value)
-
-    plan = make_plan(Path(root), 2, ranks=[rank], agree=agree)
-    steps = walk_epoch(plan)
-    Path(out, f"{rank}.json").write_text(json.dumps(
-        {"world": dist.get_world_size(), "steps": [[s.plan.step, [r.key for r in s.plan.samples]] for s in steps]}))
-    dist.destroy_process_group()
-
-
-@pytest.mark.distributed
-def test_two_processes_planning_only_their_share_agree_with_the_full_plan(demo_dir: Path, tmp_path: Path) -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(_rank_main, args=(str(demo_dir), port, str(tmp_path)), nprocs=2, start_method="spawn")
-    full = walk_epoch(make_plan(demo_dir, 2))
-    for rank in range(2):
-        got = json.loads((tmp_path / f"{rank}.json").read_text())
-        assert got["world"] == 2
-        assert got["steps"] == [[s.plan.step, [r.key for r in s.plan.samples]] for s in full if s.plan.rank == rank]
 
 
 # ---------------------------------------------------------------- the walk command

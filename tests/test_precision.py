@@ -132,7 +132,7 @@ class Fp32Probe:
     def _infonce(self, chunked):
         """`chunked` unchanged, plus: its operands' dtypes (they set the logits' and softmax's) and per-row losses
         against the materialised-logits reference in float64, with the same negatives."""
-        from plait.kernels.infonce import infonce_reference
+        from plait.ops.infonce import infonce_reference
 
         signature = inspect.signature(chunked)
 

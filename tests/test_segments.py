@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plait.kernels.segments import (
+from plait.ops.segments import (
     concat_segments_index,
     cu_from_starts,
     cu_to_lengths,

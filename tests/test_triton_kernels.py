@@ -13,10 +13,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from plait.kernels import triton_moe
-from plait.kernels.fused import use_triton
-from plait.kernels.infonce import MatchIds, infonce_chunked, infonce_reference
-from plait.kernels.moe import (
+from plait.ops import triton_moe
+from plait.ops.fused import use_triton
+from plait.ops.infonce import MatchIds, infonce_chunked, infonce_reference
+from plait.ops.moe import (
     combine, dispatch, expert_capacity, ffn_rows, grouped_ffn, permute, reference_moe,
 )
 from test_infonce_kernel import make_case
@@ -42,7 +42,7 @@ def _moe(x, logits, w_in, w_out, top_k, capacity, backend):
 
 
 def _moe_reference(x, logits, w_in, w_out, top_k, capacity):
-    """The plain loop over slots and tokens from kernels.moe."""
+    """The plain loop over slots and tokens from ops.moe."""
     weights, chosen = logits.softmax(-1).topk(top_k)
 
     def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
@@ -160,8 +160,8 @@ def test_triton_infonce_empty_queue_and_frozen_keys():
 def test_auto_keeps_torch_on_cpu(caplog):
     case = make_case(0)
     assert not use_triton(case[0])
-    with caplog.at_level(logging.INFO, logger="plait.kernels.fused"):
-        from plait.kernels import fused
+    with caplog.at_level(logging.INFO, logger="plait.ops.fused"):
+        from plait.ops import fused
 
         fused._logged.discard(("chunked infonce", "torch"))
         infonce_chunked(*case)

@@ -187,7 +187,7 @@ class Checkpointer:
         _barrier()
         if _rank() == 0:
             meta = {"step": step, "world_size": _world(), "zero_stage": engine.zero_optimization_stage(),
-                    "frozen": sorted(frozen)}
+                    "accumulation": engine.gradient_accumulation_steps(), "frozen": sorted(frozen)}
             _write_atomic(self.folder / tag / META, json.dumps(meta))
             _write_atomic(self.folder / LATEST, tag)
             removed = purge(self.folder, self.keep, tag)
@@ -196,10 +196,10 @@ class Checkpointer:
         _barrier()
         return str(self.folder / tag)
 
-    def saved_frozen(self) -> list[str] | None:
-        """The frozen modules the latest checkpoint's engine was built without; None without a checkpoint."""
+    def latest_meta(self) -> dict[str, Any] | None:
+        """The latest complete checkpoint's marker (step, world size, accumulation, frozen modules); None if none."""
         tag = latest_tag(self.folder)
-        return read_meta(self.folder, tag).get("frozen", []) if tag is not None else None
+        return read_meta(self.folder, tag) if tag is not None else None
 
     def needs_universal(self) -> bool:
         """Whether the latest checkpoint was written at another world size (decide before building the engine)."""

@@ -67,7 +67,10 @@ class DeepSpeedConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """`auto`: bf16 on GPU, fp32 on CPU (bf16 on CPU is ~4x slower)."""
     gradient_accumulation_steps: int = 1
-    """Micro-batches per optimizer step."""
+    """Micro-batches per optimizer step (each a token budget per rank; see data.packing)."""
+    keep_global_batch: bool = False
+    """On a resume at another world size, set the accumulation so that ranks x accumulation (micro-batches per
+    optimizer step) stays the checkpoint's; stops if it does not divide. Otherwise the step grows with the world."""
     config_file: str = ""
     """Optional DeepSpeed JSON (e.g. configs/deepspeed/zero3.json) merged under the values above."""
 

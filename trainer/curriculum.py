@@ -269,6 +269,20 @@ class Curriculum:
             resolved = {name: _blend(name, previous[name], target[name], f) for name in target}
         return CurriculumValues(**copy.deepcopy(resolved))
 
+    def next_change(self, step: int, names: tuple[str, ...], every: int) -> int | None:
+        """The first step after `step` at which one of `names` may change: the start of a later phase that sets
+        one, or inside such a phase's ramp the next multiple of `every` steps into it (or the ramp's end)."""
+        changes = []
+        for phase in self.cfg.phases[1:]:
+            if not any(name in phase.values for name in names):
+                continue
+            end = phase.start + phase.ramp
+            if phase.start > step:
+                changes.append(phase.start)
+            elif step < end:
+                changes.append(min(phase.start + ((step - phase.start) // every + 1) * every, end))
+        return min(changes, default=None)
+
     def state_dict(self) -> dict[str, object]:
         """Checkpoint state: the fingerprint (phases and base values) and the current step."""
         return {"fingerprint": self.fingerprint, "step": self.step}

@@ -1,7 +1,8 @@
 """`plait data walk CONFIG --world-size W (--steps N | --epochs E)`: what a run would feed each rank, without training.
 
-Prints one JSON line per (step, rank) — {"epoch", "step", "rank", "keys", "tokens", "padding", "skipped",
-"mix"} — then a summary as the final line. `--state-out` saves the plan state after the walk and
+Prints one JSON line per (micro-batch, rank) — {"epoch", "step", "micro", "rank", "keys", "tokens", "padding",
+"skipped", "mix", "resolution", "token_drop_rate"} with the optimizer step and the sizing values in force — then a
+summary as the final line. `--state-out` saves the plan state after the walk and
 `--state-in` resumes from one (at any world size), exactly as a training run resumes its loader.
 """
 
@@ -30,8 +31,9 @@ Decoder = Callable[[MicroBatchPlan], dict[str, int]]
 def step_record(step: RankStep, skipped: dict[str, int]) -> dict:
     """The JSON line of one (step, rank)."""
     plan = step.plan
-    return {"epoch": plan.epoch, "step": plan.step, "rank": plan.rank, "keys": [s.key for s in plan.samples],
-            "tokens": plan.tokens, "padding": step.padding, "skipped": skipped, "mix": step.mix}
+    return {"epoch": plan.epoch, "step": plan.step, "micro": plan.micro, "rank": plan.rank,
+            "keys": [s.key for s in plan.samples], "tokens": plan.tokens, "padding": step.padding, "skipped": skipped,
+            "mix": step.mix, **step.values}
 
 
 def walk(plan: SamplePlan, steps: int | None = None, epochs: int | None = None,

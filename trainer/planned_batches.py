@@ -1,8 +1,9 @@
 """The real data source of a run: the sample plan read, decoded and packed by the loader (a `BatchSource`).
 
-Micro-batch `micro` of optimizer step `step` is plan step `step * accumulation + micro`. Workers plan
-for themselves (the plan is forward-only and cheap), so the number of workers never changes a batch;
-a plan copy in this process follows the consumed steps and is what checkpoints store.
+Each rank plans only its own share, once, in this process: the ranks agree on each segment's step count with
+one all-reduce on a CPU group, and the loader's sampler hands each micro-batch's plan to a worker, so the
+number of workers never changes a batch. The plan runs ahead of training by the loader's prefetch; the state
+after each planned micro-batch is kept until training consumes it, and that is what checkpoints store.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
 from plait.data.batch import PackedBatch
 from plait.data.dataset_index import DatasetIndex
-from plait.data.loader import PlanDataset, PlanLoader
-from plait.data.plan import PlanConfig, SamplePlan, ValuesAt
+from plait.data.loader import PlanDataset, PlanLoader, Plans
+from plait.data.plan import AgreeMax, PlanConfig, SamplePlan, ValuesAt
+from plait.data.plan_types import MicroBatchPlan
 from plait.data.reader import check_shards
 from plait.data.source import build_plan, dataset_captions, open_dataset
 from plait.data.tokenizer import load_tokenizer, train_tokenizer
@@ -42,12 +45,38 @@ def curriculum_values(curriculum: Curriculum) -> ValuesAt:
     return values_at
 
 
+SIZING_VALUES = ("resolution", "token_drop_rate")
+"""Curriculum values the plan re-sizes for at the step they change (the mix applies from the next window)."""
+
+
 def run_plan(cfg: RunConfig, index: DatasetIndex, world_size: int, ranks: list[int] | None = None,
-             plan_cfg: PlanConfig | None = None) -> SamplePlan:
+             plan_cfg: PlanConfig | None = None, agree: AgreeMax | None = None) -> SamplePlan:
     """The sample plan of a run for `ranks` (default all) of `world_size` ranks, following its curriculum."""
+    curriculum = Curriculum.from_run(cfg)
+    every = (plan_cfg or cfg.data.plan).replan_every
+
+    def next_change(step: int) -> int | None:
+        return curriculum.next_change(step, SIZING_VALUES, every)
+
     # The phases alone identify the schedule to the plan: it fingerprints the data sections (the base values) itself.
-    return build_plan(cfg.data, index, cfg.seed, curriculum_values(Curriculum.from_run(cfg)),
-                      cfg.curriculum.fingerprint(), world_size, ranks=ranks, plan_cfg=plan_cfg)
+    return build_plan(cfg.data, index, cfg.seed, curriculum_values(curriculum), cfg.curriculum.fingerprint(),
+                      world_size, ranks=ranks, plan_cfg=plan_cfg, agree=agree,
+                      accumulation=cfg.deepspeed.gradient_accumulation_steps, next_change=next_change)
+
+
+def agreement(world_size: int) -> AgreeMax | None:
+    """All-reduce MAX over the ranks on a CPU (gloo) group of its own, so planning never waits on device work;
+    None for a single rank."""
+    if world_size == 1 or not dist.is_initialized():
+        return None
+    group = dist.new_group(backend="gloo")
+
+    def agree(count: int) -> int:
+        value = torch.tensor([count], dtype=torch.int64)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+        return int(value)
+
+    return agree
 
 
 def prepare_data(cfg: RunConfig) -> DatasetIndex:
@@ -80,40 +109,48 @@ class PlannedBatches:
 
     def __init__(self, cfg: RunConfig, rank: int, world_size: int) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world_size
-        self.accumulation = cfg.deepspeed.gradient_accumulation_steps
         self.index = index = prepare_data(cfg)
         check_shards([index.shard_url(i) for i in range(len(index.names))])
         self.tokenizer = resolve_tokenizer(cfg, index)
-        self.plan = run_plan(cfg, index, world_size, ranks=[rank])
+        self.plan = run_plan(cfg, index, world_size, ranks=[rank], agree=agreement(world_size))
+        self._consumed = self.plan.state_dict()
+        self._ahead: dict[int, dict[str, Any]] = {}
+        """Plan state after each micro-batch planned but not yet consumed (by micro-batch index)."""
         self._loader: PlanLoader | None = None
         self._batches: Iterator[PackedBatch] | None = None
         self._eval: list[PackedBatch] | None = None
 
-    def _dataset(self, plan: SamplePlan, num_steps: int, spec_augment: bool) -> PlanDataset:
+    def _dataset(self, plans: Plans, num_steps: int, spec_augment: bool) -> PlanDataset:
         data = self.cfg.data
         loader_cfg = dataclasses.replace(data.loader, spec_augment=data.loader.spec_augment and spec_augment)
-        return PlanDataset(lambda step: plan.at_step(step)[0].plan, self.tokenizer, data.sizing, data.packing,
-                           loader_cfg, num_steps=num_steps)
+        return PlanDataset(plans, self.tokenizer, data.sizing, data.packing, loader_cfg, num_steps=num_steps)
+
+    def _plan_next(self, index: int) -> MicroBatchPlan:
+        """Micro-batch `index`'s plan (asked for in order by the loader's sampler), remembering the state after it."""
+        planned = self.plan.at_step(index)[0].plan
+        self._ahead[index] = self.plan.state_dict()
+        return planned
 
     def _start(self) -> None:
-        """Loader over the run's remaining plan steps, starting where the plan copy stands."""
-        total = self.cfg.steps * self.accumulation
+        """Loader over the run's remaining micro-batches, starting where the plan stands."""
+        total = self.plan.index_of(self.cfg.steps)
         start = self.plan.state.step
-        worker_plan = run_plan(self.cfg, self.index, self.world, ranks=[self.rank])
-        worker_plan.load_state_dict(self.plan.state_dict())
-        self._loader = PlanLoader(self._dataset(worker_plan, max(total, start), True), self.cfg.data.workers,
+        self._ahead.clear()
+        self._loader = PlanLoader(self._dataset(self._plan_next, max(total, start), True), self.cfg.data.workers,
                                   self.cfg.data.max_consecutive_failures, start_step=start)
         self._batches = iter(self._loader)
 
     def batch(self, step: int, micro: int) -> PackedBatch:
         """Micro-batch `micro` of optimizer step `step` (the loop asks for them in order)."""
-        wanted = step * self.accumulation + micro
+        wanted = self.plan.index_of(step, micro)
         if self._batches is None:
             self._start()
-        if wanted != self.plan.state.step:
-            raise ValueError(f"step: asked for plan step {wanted}, the loader is at {self.plan.state.step}")
-        self.plan.next_step()
-        return next(self._batches)
+        if wanted != self._loader.next_step:
+            raise ValueError(f"step: asked for step {step} micro-batch {micro} (micro-batch {wanted}), the loader "
+                             f"is at micro-batch {self._loader.next_step}")
+        batch = next(self._batches)
+        self._consumed = self._ahead.pop(wanted)
+        return batch
 
     def eval_batches(self) -> list[PackedBatch]:
         """The held-out split, one pass, decoded once (every rank gets the same number of batches)."""
@@ -127,18 +164,19 @@ class PlannedBatches:
             while probe.upcoming_epoch() == 0 and samples < cfg.eval.max_samples:
                 samples += sum(len(s.plan.samples) for s in probe.next_step())
                 steps += 1
-            loader = PlanLoader(self._dataset(eval_plan, steps, False), 0, cfg.data.max_consecutive_failures)
+            plans = self._dataset(lambda index: eval_plan.at_step(index)[0].plan, steps, False)
+            loader = PlanLoader(plans, 0, cfg.data.max_consecutive_failures)
             self._eval = list(loader)
         return self._eval
 
     def state_dict(self) -> dict[str, Any]:
-        """The plan position (world-size independent) and the loader's failure run."""
+        """The position of the consumed micro-batches (world-size independent) and the loader's failure run."""
         guard = self._loader.state_dict()["failure_run"] if self._loader else 0
-        return {"plan": self.plan.state_dict(), "failure_run": guard}
+        return {"plan": self._consumed, "failure_run": guard}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume the plan (re-planned when the world size changed); the loader restarts from there."""
         self.plan.load_state_dict(state["plan"])
-        self._batches = None
+        self._consumed = self.plan.state_dict()
         self._start()
         self._loader.load_state_dict({"next_step": self.plan.state.step, "failure_run": state["failure_run"]})

@@ -34,6 +34,20 @@ from plait.trainer.train_console import Progress, startup_summary
 
 logger = logging.getLogger(__name__)
 
+
+def kept_accumulation(saved: dict[str, Any], world: int) -> int:
+    """The accumulation that keeps a checkpoint's micro-batches per optimizer step (ranks x accumulation) at `world`."""
+    total = int(saved["world_size"]) * int(saved.get("accumulation", 1))
+    if total % world:
+        raise ValueError(f"deepspeed.keep_global_batch: the checkpoint's step of {total} micro-batches "
+                         f"({saved['world_size']} ranks x {saved.get('accumulation', 1)}) does not divide over "
+                         f"{world} ranks")
+    if total // world != saved.get("accumulation", 1):
+        logger.info("keep_global_batch: gradient_accumulation_steps %d at %d ranks (%d micro-batches per step)",
+                    total // world, world, total)
+    return total // world
+
+
 class NonFiniteStop(RuntimeError):
     """Too many non-finite steps in a row; the run saved a checkpoint and stopped."""
 
@@ -51,8 +65,10 @@ class Trainer:
         resume = cfg.checkpoint.resume
         phases_frozen = [(i, phase.values.get("frozen", [])) for i, phase in enumerate(cfg.curriculum.phases)]
         self.freezable = frozen_prefixes(frozen for _, frozen in phases_frozen)
-        saved = self.checkpointer.saved_frozen() if resume else None
-        self.frozen = sorted(self.curriculum.resolve(0).frozen if saved is None else saved)
+        saved = self.checkpointer.latest_meta() if resume else None
+        if saved is not None and cfg.deepspeed.keep_global_batch:
+            cfg.deepspeed.gradient_accumulation_steps = kept_accumulation(saved, self.world)
+        self.frozen = sorted(self.curriculum.resolve(0).frozen if saved is None else saved.get("frozen", []))
         self.engine = build_engine(cfg, self.freezable, self.frozen,
                                    load_universal=resume and self.checkpointer.needs_universal())
         self.module = self.engine.module

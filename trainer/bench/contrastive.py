@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from plait.kernels.infonce import MatchIds, infonce_chunked, infonce_reference
+from plait.ops.infonce import MatchIds, infonce_chunked, infonce_reference
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

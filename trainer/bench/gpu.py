@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from rich.table import Table
 
 from plait.data.sizing import SizingConfig
-from plait.kernels.attention import flash_attn_available, torch_varlen_available, varlen_attention
-from plait.kernels.fused import make_adamw, make_norm, triton_available
-from plait.kernels.infonce import MatchIds, infonce_chunked, infonce_reference
-from plait.kernels.moe import combine, dispatch, ffn_rows, grouped_ffn, permute, reference_moe
-from plait.kernels.segments import lengths_to_cu
+from plait.ops.attention import flash_attn_available, torch_varlen_available, varlen_attention
+from plait.ops.fused import make_adamw, make_norm, triton_available
+from plait.ops.infonce import MatchIds, infonce_chunked, infonce_reference
+from plait.ops.moe import combine, dispatch, ffn_rows, grouped_ffn, permute, reference_moe
+from plait.ops.segments import lengths_to_cu
 from plait.trainer.bench.model import make_batch, navit_mix
 from plait.trainer.config_loader import build, read_yaml
 from plait.trainer.console import console

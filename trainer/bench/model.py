@@ -14,7 +14,7 @@ import torch
 
 from plait.data.batch import MODALITIES, STREAM_OF_MODALITY, PackedBatch, PackedStream
 from plait.data.sizing import SizingConfig
-from plait.kernels.segments import lengths_to_cu
+from plait.ops.segments import lengths_to_cu
 from plait.trainer.model.config import ModelConfig
 from plait.trainer.model.multimodal import MultimodalModel
 

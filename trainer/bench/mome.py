@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from plait.data.batch import TOKEN_MODALITIES
-from plait.kernels.segments import cu_to_lengths
+from plait.ops.segments import cu_to_lengths
 from plait.trainer.model.config import MoMEConfig
 from plait.trainer.model.encoder import FeedForward
 from plait.trainer.model.mome import MoMELayer

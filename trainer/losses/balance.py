@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from plait.data.batch import TOKEN_MODALITIES
-from plait.kernels.segments import index_counts
+from plait.ops.segments import index_counts
 from plait.trainer.losses.config import BalanceConfig
 from plait.trainer.losses.distributed import all_reduce_sum, world_size
 from plait.trainer.model.routing import RouterOutput

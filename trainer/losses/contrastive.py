@@ -19,7 +19,7 @@ from torch.distributed import ProcessGroup
 
 from plait.data.batch import MODALITIES
 from plait.data.rng import joined_seed
-from plait.kernels.infonce import MatchIds, infonce_chunked
+from plait.ops.infonce import MatchIds, infonce_chunked
 from plait.trainer.losses.config import ContrastiveConfig, HardNegativeConfig
 from plait.trainer.losses.distributed import all_gather_host, gather_no_grad, gather_with_grad
 from plait.trainer.losses.distributed import rank as dist_rank

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from plait.kernels.infonce import NEG_STATS, MatchIds, classify, iter_chunks, selected
+from plait.ops.infonce import NEG_STATS, MatchIds, classify, iter_chunks, selected
 
 
 def _running_topk(best: tuple[Tensor, Tensor], scores: Tensor, start: int, k: int) -> tuple[Tensor, Tensor]:

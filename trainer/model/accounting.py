@@ -15,7 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from plait.data.batch import PackedBatch
-from plait.kernels.segments import cu_to_lengths
+from plait.ops.segments import cu_to_lengths
 from plait.trainer.model.llm import decoder_layers
 from plait.trainer.model.mome import MoMELayer
 from plait.trainer.model.multimodal import MultimodalModel

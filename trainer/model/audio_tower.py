@@ -24,8 +24,8 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from plait.data.batch import PackedStream
 from plait.data.preprocess import log_mel_config
 from plait.data.sizing import SizingConfig
-from plait.kernels.attention import Backend
-from plait.kernels.segments import cu_to_lengths, lengths_to_cu, segment_positions
+from plait.ops.attention import Backend
+from plait.ops.segments import cu_to_lengths, lengths_to_cu, segment_positions
 from plait.trainer.model.hf_attention import PLAIT_VARLEN, varlen_kwargs
 from plait.trainer.model.llm import _seeded_init_partitioned
 

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from plait.data.batch import TOKEN_MODALITIES, PackedBatch, PackedStream, token_code
 from plait.data.sizing import SizingConfig
-from plait.kernels.attention import Backend, varlen_attention
+from plait.ops.attention import Backend, varlen_attention
 from plait.trainer.model.config import EncoderConfig, MoMEConfig
 from plait.trainer.model.mome import MoMELayer, RoutingContext, full_parameters
 

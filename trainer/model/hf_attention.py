@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 
-from plait.kernels.attention import varlen_attention
-from plait.kernels.segments import cu_from_starts
+from plait.ops.attention import varlen_attention
+from plait.ops.segments import cu_from_starts
 
 PLAIT_VARLEN = "plait_varlen"
 """Name of plait's varlen attention in transformers' attention registry."""

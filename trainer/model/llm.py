@@ -26,8 +26,8 @@ from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspee
 from transformers.integrations.deepspeed import prevent_arange_dtype_change
 
 from plait.data.batch import TEXT_TOKEN
-from plait.kernels.attention import Backend
-from plait.kernels.segments import segment_positions
+from plait.ops.attention import Backend
+from plait.ops.segments import segment_positions
 from plait.trainer.model.config import LLMConfig, MoMEConfig
 from plait.trainer.model.hf_attention import VARLEN_KWARGS, varlen_kwargs
 from plait.trainer.model.mome import DENSE_FFN_FORMS, MoMELayer, RoutingContext, dense_ffn_layout, full_parameters

@@ -26,8 +26,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from plait.data.batch import TOKEN_MODALITIES
-from plait.kernels.moe import combine, dispatch, expert_capacity, ffn_rows, grouped_ffn, permute
-from plait.kernels.segments import index_counts
+from plait.ops.moe import combine, dispatch, expert_capacity, ffn_rows, grouped_ffn, permute
+from plait.ops.segments import index_counts
 from plait.trainer.model.config import MoMEConfig
 from plait.trainer.model.routing import RouterOutput
 

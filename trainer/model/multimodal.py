@@ -18,7 +18,7 @@ from torch import nn
 
 from plait.data.batch import TEXT_TOKEN, PackedBatch, token_code
 from plait.data.sizing import SizingConfig
-from plait.kernels.segments import concat_segments_index, cu_to_lengths
+from plait.ops.segments import concat_segments_index, cu_to_lengths
 from plait.trainer.model.config import ModelConfig
 from plait.trainer.model.encoder import Encoder
 from plait.trainer.model.llm import PackedCausalLM

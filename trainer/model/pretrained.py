@@ -34,7 +34,7 @@ from transformers.utils import cached_file
 
 from plait.data.preprocess import Media, MediaPreprocessor, PreprocessConfig
 from plait.data.tokenizer import encode_captions, load_tokenizer
-from plait.kernels.segments import lengths_to_cu
+from plait.ops.segments import lengths_to_cu
 from plait.trainer.config_loader import build, to_dict
 from plait.trainer.model.config import ModelConfig
 from plait.trainer.model.hf_export import StockExportError, export_llm

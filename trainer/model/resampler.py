@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from plait.kernels.attention import Backend, varlen_attention
-from plait.kernels.segments import concat_segments_index, index_counts, lengths_to_cu
+from plait.ops.attention import Backend, varlen_attention
+from plait.ops.segments import concat_segments_index, index_counts, lengths_to_cu
 from plait.trainer.model.config import ResamplerConfig
 from plait.trainer.model.encoder import FeedForward
 

@@ -23,7 +23,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from plait.data.batch import PackedStream
 from plait.data.sizing import SizingConfig
-from plait.kernels.attention import Backend
+from plait.ops.attention import Backend
 from plait.trainer.model.hf_attention import PLAIT_VARLEN, varlen_kwargs
 from plait.trainer.model.llm import _seeded_init_partitioned
 

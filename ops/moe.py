@@ -8,7 +8,7 @@ capacity are dropped and counted. A dropped assignment contributes nothing to it
 `grouped_ffn` runs each expert's FFN (gated or not, with or without biases) on its block: torch's grouped GEMM
 where it takes the operands, with nothing read on the host, else a loop over the blocks.
 
-`permute` / `combine` take the Triton kernels of `kernels.triton_moe` when triton is importable and the
+`permute` / `combine` take the Triton kernels of `ops.triton_moe` when triton is importable and the
 tensors are on CUDA (`backend="auto"`), the torch code here otherwise.
 """
 
@@ -20,8 +20,8 @@ from typing import Literal
 
 import torch
 
-from plait.kernels.fused import log_choice_once, use_triton
-from plait.kernels.segments import index_counts
+from plait.ops.fused import log_choice_once, use_triton
+from plait.ops.segments import index_counts
 
 KernelBackend = Literal["auto", "torch", "triton"]
 """`auto`: Triton on CUDA when triton is importable, torch otherwise; `triton` forces it (tests: TRITON_INTERPRET=1)."""
@@ -78,7 +78,7 @@ def _triton_selected(backend: KernelBackend, x: torch.Tensor) -> bool:
 def permute(x: torch.Tensor, plan: ExpertDispatch, backend: KernelBackend = "auto") -> torch.Tensor:
     """Token rows in expert-grouped assignment order: `[T, D]` -> `[A, D]` (`x[plan.token_index]`)."""
     if _triton_selected(backend, x):
-        from plait.kernels import triton_moe
+        from plait.ops import triton_moe
 
         return triton_moe.permute(x, plan)
     return x[plan.token_index]
@@ -89,7 +89,7 @@ def combine(
 ) -> torch.Tensor:
     """Sum each token's expert outputs weighted by their gates: `[A, D]` grouped rows -> `[T, D]`."""
     if _triton_selected(backend, expert_out):
-        from plait.kernels import triton_moe
+        from plait.ops import triton_moe
 
         return triton_moe.combine(expert_out, plan, num_tokens)
     weighted = expert_out * plan.gate[:, None].to(expert_out.dtype)

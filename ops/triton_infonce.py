@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from plait.kernels.infonce import NEG_STATS, MatchIds
+from plait.ops.infonce import NEG_STATS, MatchIds
 
 _PARTIAL = 10
 """Per-row partial sums: row max, sum exp, positives (count, logit sum), valid (count, logit sum), NEG_STATS."""
@@ -40,7 +40,7 @@ def _match(q_ids, c_ids, rows, row_ok, cols, col_ok, F: tl.constexpr):
 @triton.jit
 def _classify(rows, row_ok, cols, col_ok, col_offset, pos_index, ex_q, ex_c, sh_q, sh_c, neg, K,
               FE: tl.constexpr, FS: tl.constexpr, HAS_NEG: tl.constexpr):
-    """(positive, valid) [BB, BC] masks of a tile, as `kernels.infonce.classify`; out-of-range cells are invalid."""
+    """(positive, valid) [BB, BC] masks of a tile, as `ops.infonce.classify`; out-of-range cells are invalid."""
     index = col_offset + cols
     own = index[None, :] == tl.load(pos_index + rows, mask=row_ok, other=-1)[:, None]
     excluded = _match(ex_q, ex_c, rows, row_ok, cols, col_ok, FE) & ~own

@@ -1,4 +1,4 @@
-"""Triton MoE token permute / un-permute with autograd: the same results as `kernels.moe` on CUDA, no atomics.
+"""Triton MoE token permute / un-permute with autograd: the same results as `ops.moe` on CUDA, no atomics.
 
 `permute(x, plan)` equals `x[plan.token_index]` (rows grouped by expert) and `combine(y, plan, T)` equals
 the torch `combine` (gate-weighted sum of each token's expert rows). Both backward passes are again a
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from plait.kernels.moe import ExpertDispatch
+from plait.ops.moe import ExpertDispatch
 
 _MAX_BLOCK_D = 1024
 
@@ -169,5 +169,5 @@ def permute(x: torch.Tensor, plan: ExpertDispatch) -> torch.Tensor:
 
 
 def combine(expert_out: torch.Tensor, plan: ExpertDispatch, num_tokens: int) -> torch.Tensor:
-    """Gate-weighted sum of each token's expert rows: `[A, D]` grouped rows -> `[T, D]` (as `kernels.moe.combine`)."""
+    """Gate-weighted sum of each token's expert rows: `[A, D]` grouped rows -> `[T, D]` (as `ops.moe.combine`)."""
     return _Combine.apply(expert_out, plan.gate, plan.token_index, num_tokens)

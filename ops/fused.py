@@ -3,7 +3,7 @@
 - norms: apex `FusedLayerNorm` / `FusedRMSNorm`, else `torch.nn.LayerNorm` / `torch.nn.RMSNorm`;
 - AdamW: apex `FusedAdam(adam_w_mode=True)`, else `torch.optim.AdamW(fused=True)` on CUDA and
   `AdamW(foreach=True)` on CPU;
-- Triton kernels (`kernels.triton_moe`, `kernels.triton_infonce`): when triton is importable and the
+- Triton kernels (`ops.triton_moe`, `ops.triton_infonce`): when triton is importable and the
   tensors are on CUDA.
 
 apex is NVIDIA's (built from source); the unrelated PyPI package named `apex` is never used: it is

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from plait.kernels.segments import cu_to_lengths
+from plait.ops.segments import cu_to_lengths
 
 logger = logging.getLogger(__name__)
 

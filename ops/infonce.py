@@ -5,7 +5,7 @@ One direction of a contrastive loss: each query row scores every candidate (the 
 `infonce_chunked` never holds the [B, N + Q] logits: the forward keeps an online logsumexp
 and the custom backward recomputes each chunk. `infonce_reference` materialises everything
 and is the autograd reference the chunked path is tested against. On CUDA, when triton is importable,
-`infonce_chunked` runs the Triton kernels of `kernels.triton_infonce` instead (same results).
+`infonce_chunked` runs the Triton kernels of `ops.triton_infonce` instead (same results).
 
 Candidate classes for query i and candidate j (ids come from `MatchIds`, -1 matches nothing):
 own positive (j == positive_index[i]) -> positive; sharing an `exclude` id -> excluded;
@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from plait.kernels.fused import log_choice_once, use_triton
+from plait.ops.fused import log_choice_once, use_triton
 
 NEG_STATS = ("count", "sum", "sum_sq", "max")
 """Columns of the per-row negative-similarity statistics (raw dot products, not scaled)."""
@@ -235,7 +235,7 @@ def infonce_chunked(
     triton = backend == "triton" or (backend == "auto" and use_triton(query))
     log_choice_once("chunked infonce", "triton" if triton else "torch", query.device.type)
     if triton:
-        from plait.kernels.triton_infonce import infonce_triton
+        from plait.ops.triton_infonce import infonce_triton
 
         return infonce_triton(
             query, keys, queue, scale, positive_index, exclude, share, negatives, label_smoothing, chunk_size
