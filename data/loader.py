@@ -57,7 +57,7 @@ class LoaderConfig:
     max_caption_tokens: int = 77
     """Longest caption in tokens, EOS included (longer ones are truncated before the EOS)."""
     spec_augment: bool = True
-    """Apply SpecAugment masks to audio (training); off for evaluation."""
+    """Apply SpecAugment masks to audio in training (held-out batches never get them)."""
     spec: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
     """SpecAugment mask counts and widths."""
     max_sample_bytes: int = 1 << 30
@@ -124,10 +124,14 @@ def media_member(sample: ScannedSample, modality: str) -> tuple[str, bytes]:
 
 
 class PlanDataset(Dataset):
-    """Map-style dataset over steps: item i is the packed micro-batch of `plans` at step i."""
+    """Map-style dataset over steps: item i is the packed micro-batch of `plans` at step i.
+
+    `augment` applies each sample's keyed augmentation (frame jitter, SpecAugment); held-out batches turn it
+    off for the centred frames and unmasked audio that inference sees."""
 
     def __init__(self, plans: Plans, tokenizer: PreTrainedTokenizerBase, sizing: SizingConfig,
-                 packing: PackingConfig, cfg: LoaderConfig | None = None, num_steps: int | None = None) -> None:
+                 packing: PackingConfig, cfg: LoaderConfig | None = None, num_steps: int | None = None,
+                 augment: bool = True) -> None:
         if num_steps is None and not isinstance(plans, Sequence):
             raise ValueError("num_steps: required when plans is a function of the step")
         self.plans = plans
@@ -136,6 +140,7 @@ class PlanDataset(Dataset):
         self.packing = packing
         self.cfg = cfg or LoaderConfig()
         self.decoder = SampleDecoder(sizing, self.cfg.spec if self.cfg.spec_augment else None)
+        self.augment = augment
 
     def __len__(self) -> int:
         return self.num_steps
@@ -162,7 +167,8 @@ class PlanDataset(Dataset):
                 if not caption:
                     raise DecodeError("empty", "no caption")
                 kind, data = media_member(fetched.sample, ref.modality)
-                patches, coords = self.decoder.encoded(ref.modality, kind, data, ref.grid, ref.augment_seed)
+                seed = ref.augment_seed if self.augment else None
+                patches, coords = self.decoder.encoded(ref.modality, kind, data, ref.grid, seed)
             except (DecodeError, ValueError) as err:
                 reason = err.reason if isinstance(err, DecodeError) else "undecodable"
                 skips.append(Skip(position, ref.shard, ref.key, reason, str(err)))

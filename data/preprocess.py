@@ -92,10 +92,13 @@ class SampleDecoder:
         return self._audio(log_mel(wave, self.mel), grid, augment_seed)
 
     def _frame_indices(self, frames: int, fps: float, grid: SampleGrid, augment_seed: int | None) -> np.ndarray:
-        """The grid's frames from its time window (dense sampling at the sizing's fps, keyed or centred offset)."""
+        """The grid's frames from its time window by the sizing's `video_sampling`, keyed by the sample's
+        augment seed (None: the centred choice)."""
         rng = keyed_rng(augment_seed) if augment_seed is not None else None
-        return sample_frame_indices(frames, fps, grid.frames, "dense", rng, start_s=grid.start_s,
-                                    span_s=grid.span_s, sample_fps=self.sizing.video_sample_fps)
+        sampling = self.sizing.video_sampling
+        mode = "dense" if sampling == "dense" else "random" if sampling == "tsn" and rng is not None else "uniform"
+        return sample_frame_indices(frames, fps, grid.frames, mode, rng, start_s=grid.start_s, span_s=grid.span_s,
+                                    sample_fps=self.sizing.video_sample_fps, jitter=self.sizing.video_jitter)
 
     def _image(self, pixels: torch.Tensor, grid: SampleGrid) -> tuple[torch.Tensor, torch.Tensor]:
         patches, coords = patchify_image(pixels, grid.h, grid.w, self.sizing.patch_size, self.sizing.temporal_patch)

@@ -57,7 +57,14 @@ class SizingConfig:
     video_max_frames: int = 32
     """Most frames decoded per clip (rounded down to a multiple of temporal_patch)."""
     video_sample_fps: float = 0.0
-    """Frame rate at which clip frames are sampled; 0 takes consecutive native frames."""
+    """`dense`: frame rate at which clip frames are sampled; 0 takes consecutive native frames."""
+    video_sampling: Literal["dense", "tsn", "uniform"] = "dense"
+    """Which frames of a clip: `dense` a run of frames from a keyed window of the clip; `tsn` the whole clip
+    cut into as many segments as frames, one keyed frame per segment in training and the centres at eval and
+    inference; `uniform` the segment centres always."""
+    video_jitter: float = 1.0
+    """In [0, 1]: how far training may move a clip's frames from the centred choice (`dense`: the window start
+    over the clip's slack; `tsn`: each frame within its segment); 0 = always centred."""
     n_mels: int = 80
     """Log-mel bins of the audio front end."""
     hop_ms: float = 10.0
@@ -78,6 +85,10 @@ class SizingConfig:
         if self.n_mels % self.audio_patch:
             raise ValueError(f"audio_patch: must divide n_mels={self.n_mels}, got {self.audio_patch}")
         check_at_least(self, 0, "video_sample_fps")
+        if self.video_sampling not in ("dense", "tsn", "uniform"):
+            raise ValueError(f"video_sampling: must be dense, tsn or uniform, got {self.video_sampling!r}")
+        if not 0.0 <= self.video_jitter <= 1.0:
+            raise ValueError(f"video_jitter: must be in [0, 1], got {self.video_jitter}")
         if self.video_max_frames < self.temporal_patch:
             raise ValueError(f"video_max_frames: must be >= temporal_patch={self.temporal_patch}")
 
@@ -260,8 +271,11 @@ def size_samples(columns: Mapping[str, np.ndarray], cfg: SizingConfig, drop_cfg:
     video_span = t * tp / (cfg.video_sample_fps if cfg.video_sample_fps > 0 else native_fps)
     span = np.where(is_audio, np.minimum(audio_s, time_patches * cfg.audio_patch / frames_per_s),
                     np.where(is_video, video_span, 0.0))
+    whole = is_video & (cfg.video_sampling != "dense")  # segments over the whole clip: span 0 = to its end
+    span = np.where(whole, 0.0, span)
     slack = np.maximum(np.nan_to_num(duration, nan=0.0) - span, 0.0)
-    start = np.where(is_image, 0.0, u[:, _U_CROP] * slack)
+    crop = np.where(is_video, u[:, _U_CROP] * cfg.video_jitter + (1.0 - cfg.video_jitter) / 2, u[:, _U_CROP])
+    start = np.where(is_image | whole, 0.0, crop * slack)
     frames = np.where(is_video, t * tp, np.where(is_image, 1, 0)).astype(np.int64)
 
     num_tokens = t * h * w

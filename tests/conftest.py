@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -57,6 +58,12 @@ def run_plait(*args: str, cwd: Path | None = None, check: bool = True) -> subpro
     if check and proc.returncode != 0:
         raise AssertionError(f"plait {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
     return proc
+
+
+def logged_losses(run_dir: Path) -> dict[int, float]:
+    """The total loss per step a run logged to its local MLflow store."""
+    with sqlite3.connect(run_dir / "mlflow.db") as db:
+        return dict(db.execute("select step, value from metrics where key = 'loss/total' order by step"))
 
 
 def unpack_stream(stream: PackedStream, num_samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

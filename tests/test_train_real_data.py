@@ -8,20 +8,20 @@ per step; the elastic resume at 1 rank keeps the global batch (`deepspeed.keep_g
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import run_plait
+from conftest import logged_losses, run_plait
 
 
 def _config(path: Path, demo_dir: Path, run_dir: Path) -> Path:
     config = {
         "seed": 1, "run_dir": str(run_dir),
         "data": {"shards": str(demo_dir), "workers": 1, "packing": {"max_tokens": 512},
-                 "sizing": {"patch_size": 8, "max_side_patches": 8, "video_side_px": 32, "max_sample_tokens": 256}},
+                 "sizing": {"patch_size": 8, "max_side_patches": 8, "video_side_px": 32, "max_sample_tokens": 256,
+                            "video_sampling": "tsn", "video_jitter": 0.8}},
         "curriculum": {"phases": [{"start": 0, "values": {"resolution": {32: 1.0}, "hard_negative_ratio": 0.5}},
                                   {"start": 3, "values": {"resolution": {32: 0.5, 48: 0.5}}}]},
         "loss": {"queue": {"size": 64}, "hard_negatives": {"num_negatives": 8}},
@@ -42,10 +42,6 @@ def _latest_meta(run_dir: Path) -> dict:
     return json.loads((folder / (folder / "latest").read_text().strip() / "plait_meta.json").read_text())
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    with sqlite3.connect(run_dir / "mlflow.db") as db:
-        return dict(db.execute("select step, value from metrics where key = 'loss/total' order by step"))
-
 
 @pytest.mark.distributed
 @pytest.mark.slow
@@ -56,11 +52,11 @@ def test_exact_then_elastic_resume_on_demo_shards(demo_dir: Path, tmp_path: Path
     resumed = _train(config, 4, 2)
     assert straight["world_size"] == first["world_size"] == resumed["world_size"] == 2
     assert resumed["run_id"] == first["run_id"] and resumed["steps"] == 4
-    assert sorted(_losses(tmp_path / "a")) == [1, 2, 3, 4]
-    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
+    assert sorted(logged_losses(tmp_path / "a")) == [1, 2, 3, 4]
+    assert logged_losses(tmp_path / "b") == logged_losses(tmp_path / "a")
     assert _latest_meta(tmp_path / "b")["accumulation"] == 2
     elastic = _train(config, 5, 1)
     assert elastic["world_size"] == 1 and elastic["steps"] == 5 and elastic["run_id"] == first["run_id"]
-    assert sorted(_losses(tmp_path / "b")) == [1, 2, 3, 4, 5]
+    assert sorted(logged_losses(tmp_path / "b")) == [1, 2, 3, 4, 5]
     meta = _latest_meta(tmp_path / "b")
     assert (meta["world_size"], meta["accumulation"], meta["step"]) == (1, 4, 5)

@@ -231,6 +231,15 @@ class Checkpointer:
         return client["plait"], rank_state
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is set on any rank: one tiny all-reduce MAX on the host (gloo) group, never a device sync."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=host_group())
+    return bool(value.item())
+
+
 class PreemptionFlag:
     """SIGTERM / SIGUSR1 set a flag the loop polls; `requested()` agrees across ranks (any rank signalled)."""
 
@@ -245,12 +254,8 @@ class PreemptionFlag:
         self.signalled = True
 
     def requested(self) -> bool:
-        """True on every rank once any rank got a signal (one tiny host all-reduce per call, never a device sync)."""
-        if not dist.is_initialized():
-            return self.signalled
-        flag = torch.tensor([int(self.signalled)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=host_group())
-        return bool(flag.item())
+        """True on every rank once any rank got a signal."""
+        return any_rank(self.signalled)
 
     def close(self) -> None:
         """Put the previous handlers back."""

@@ -9,11 +9,11 @@ import pkgutil
 import sys
 from pathlib import Path
 
+from plait.data.loader import TooManyFailures
 from plait.trainer.config_loader import ConfigError
 from plait.trainer.data_walk import add_parser as add_data_walk
+from plait.trainer.train_command import EXIT_BAD_INPUT
 from plait.trainer.train_command import add_parser as add_train
-
-EXIT_BAD_INPUT = 2
 
 
 def _cmd_config_show(args: argparse.Namespace) -> None:
@@ -175,6 +175,6 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.verbose)
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, TooManyFailures) as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         raise SystemExit(EXIT_BAD_INPUT) from None

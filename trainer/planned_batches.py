@@ -64,6 +64,13 @@ def run_plan(cfg: RunConfig, index: DatasetIndex, world_size: int, ranks: list[i
                       accumulation=cfg.deepspeed.gradient_accumulation_steps, next_change=next_change)
 
 
+def plan_micro_batch(plan: SamplePlan, index: int) -> tuple[MicroBatchPlan, dict[str, Any]]:
+    """Micro-batch `index`'s plan for the plan's one rank and the plan state after it (what a rank hands its
+    DataLoader workers, and what a checkpoint saves once that micro-batch is consumed)."""
+    planned = plan.at_step(index)[0].plan
+    return planned, plan.state_dict()
+
+
 def agreement(world_size: int) -> AgreeMax | None:
     """All-reduce MAX over the ranks on a CPU (gloo) group of its own, so planning never waits on device work;
     None for a single rank."""
@@ -120,15 +127,14 @@ class PlannedBatches:
         self._batches: Iterator[PackedBatch] | None = None
         self._eval: list[PackedBatch] | None = None
 
-    def _dataset(self, plans: Plans, num_steps: int, spec_augment: bool) -> PlanDataset:
+    def _dataset(self, plans: Plans, num_steps: int, augment: bool) -> PlanDataset:
         data = self.cfg.data
-        loader_cfg = dataclasses.replace(data.loader, spec_augment=data.loader.spec_augment and spec_augment)
-        return PlanDataset(plans, self.tokenizer, data.sizing, data.packing, loader_cfg, num_steps=num_steps)
+        return PlanDataset(plans, self.tokenizer, data.sizing, data.packing, data.loader, num_steps=num_steps,
+                           augment=augment)
 
     def _plan_next(self, index: int) -> MicroBatchPlan:
         """Micro-batch `index`'s plan (asked for in order by the loader's sampler), remembering the state after it."""
-        planned = self.plan.at_step(index)[0].plan
-        self._ahead[index] = self.plan.state_dict()
+        planned, self._ahead[index] = plan_micro_batch(self.plan, index)
         return planned
 
     def _start(self) -> None:

@@ -1,5 +1,5 @@
 """The training loop, top to bottom: resume from the latest checkpoint, then step, log, checkpoint and evaluate
-until the run length, a preemption signal or too many non-finite steps in a row.
+until the run length, a preemption signal, too many non-finite steps in a row or a rank's loader giving up.
 
     trainer = Trainer(config)
     try:
@@ -11,13 +11,15 @@ until the run length, a preemption signal or too many non-finite steps in a row.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from plait.trainer.checkpoint import Checkpointer, PreemptionFlag, rng_state, set_rng_state
+from plait.data.loader import TooManyFailures
+from plait.trainer.checkpoint import Checkpointer, PreemptionFlag, any_rank, rng_state, set_rng_state
 from plait.trainer.config import RunConfig
 from plait.trainer.config_loader import render_yaml, to_dict
 from plait.trainer.curriculum import Curriculum, plot_curriculum
@@ -25,6 +27,7 @@ from plait.trainer.data_source import BatchSource
 from plait.trainer.engine import build_engine, init_distributed, rebuild_engine
 from plait.trainer.evaluate import flat_metrics, gather_embeddings, retrieval_metrics, summary
 from plait.trainer.freezing import check_frozen_names, current_trainable, trainable_names
+from plait.trainer.losses.distributed import host_group
 from plait.trainer.model.accounting import estimate_flops, parameter_counts
 from plait.trainer.optim import apply_schedule, frozen_prefixes, group_of
 from plait.trainer.planned_batches import PlannedBatches
@@ -33,6 +36,9 @@ from plait.trainer.tracking import Tracker, resolve_uri
 from plait.trainer.train_console import Progress, startup_summary
 
 logger = logging.getLogger(__name__)
+
+Fetched = TypeVar("Fetched")
+"""What `Trainer._fetch` hands back: a step's micro-batches or the held-out batches."""
 
 
 def kept_accumulation(saved: dict[str, Any], world: int) -> int:
@@ -50,6 +56,21 @@ def kept_accumulation(saved: dict[str, Any], world: int) -> int:
 
 class NonFiniteStop(RuntimeError):
     """Too many non-finite steps in a row; the run saved a checkpoint and stopped."""
+
+
+class DataFailureStop(TooManyFailures):
+    """A rank's loader gave up (too many bad samples in a row); every rank saved the checkpoint of the last completed
+    step and stopped with that rank's message."""
+
+
+def rank_failures(failure: str | None) -> list[str]:
+    """Every rank's data failure message, in rank order (none when no rank failed): one host all-reduce, and a
+    gather of the messages only when some rank failed."""
+    if not any_rank(failure is not None):
+        return []
+    messages: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, failure, group=host_group())
+    return [message for message in messages if message is not None]
 
 
 class Trainer:
@@ -144,15 +165,39 @@ class Trainer:
         stop = self.preempted or nonfinite_stop
         every = self.cfg.checkpoint.every
         if stop or self.step == self.cfg.steps or (every and self.step % every == 0):
-            self.checkpoint_path = self.checkpointer.save(self.engine, self.step, self._run_state(),
-                                                          {"data": self.data.state_dict(), "rng": rng_state()},
-                                                          self.frozen)
+            self._save(self.data.state_dict())
         if nonfinite_stop:
             raise NonFiniteStop(f"{self.skipped_in_row} non-finite steps in a row up to step {self.step}; "
                                 f"checkpoint {self.checkpoint_path}")
         if self.step == self.cfg.steps or (self.cfg.eval.every and self.step % self.cfg.eval.every == 0):
             self.evaluate()
         return not stop
+
+    def _save(self, data_state: dict[str, Any]) -> None:
+        """Checkpoint the last completed optimizer step on every rank, with the data position `data_state`."""
+        self.checkpoint_path = self.checkpointer.save(self.engine, self.step, self._run_state(),
+                                                      {"data": data_state, "rng": rng_state()}, self.frozen)
+
+    def _fetch(self, fetch: Callable[[], Fetched]) -> Fetched:
+        """`fetch()`'s batches once every rank's loader delivered its own, before any collective that uses them.
+
+        When a rank's loader gives up, every rank saves the last completed step (with the data position from before
+        the fetch) and raises that rank's message, instead of the others waiting for it in a collective until the
+        distributed timeout.
+        """
+        position = self.data.state_dict()
+        batches, failure = None, None
+        try:
+            batches = fetch()
+        except TooManyFailures as err:
+            failure = f"rank {self.rank}: {err}"
+            logger.error("data failure on %s; stopping every rank", failure)
+        failures = rank_failures(failure)
+        if failures:
+            self._save(position)
+            raise DataFailureStop(f"{'; '.join(failures)}; every rank stopped at step {self.step} with checkpoint "
+                                  f"{self.checkpoint_path}")
+        return batches
 
     @property
     def losses(self) -> list[float]:
@@ -165,8 +210,12 @@ class Trainer:
     def train_step(self) -> None:
         """One optimizer step over `gradient_accumulation_steps` micro-batches, skipped if non-finite.
 
-        Losses, components and counters stay on the device; the host reads them only when logging.
+        The step's micro-batches are all read first (`_fetch`), so a data failure on any rank stops every rank before
+        the step changes anything. Losses, components and counters stay on the device; the host reads them only when
+        logging.
         """
+        gas = self.cfg.deepspeed.gradient_accumulation_steps
+        hosts = self._fetch(lambda: [self.data.batch(self.step, micro) for micro in range(gas)])
         values = self.curriculum.at(self.step)
         self._follow_freezing(values.frozen)
         lrs = apply_schedule(self.engine.optimizer, self.step, self.cfg.optim, self.cfg.steps, values)
@@ -176,9 +225,7 @@ class Trainer:
         counts: dict[str, torch.Tensor | float] = {}
         experts = None
         loss_sum = 0.0
-        gas = self.cfg.deepspeed.gradient_accumulation_steps
-        for micro in range(gas):
-            host = self.data.batch(self.step, micro)
+        for micro, host in enumerate(hosts):
             batch = host.to(self.device)
             out = self.engine(batch, self.step, weights=values.loss_weights, hard_fraction=values.hard_negative_ratio)
             self.engine.backward(out.loss)
@@ -258,9 +305,10 @@ class Trainer:
         the run holds nothing out (`data.plan.eval_fraction: 0`)."""
         if self.cfg.data.plan.eval_fraction == 0:
             return {}
+        hosts = self._fetch(self.data.eval_batches)
         self.module.eval()
         parts = []
-        for host in self.data.eval_batches():
+        for host in hosts:
             media, text = self.module.embed(host.to(self.device))
             parts.append((media, text, host.caption_key, host.modality))
         self.module.train()

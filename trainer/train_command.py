@@ -19,6 +19,9 @@ LAUNCH_SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "train.py"
 RESULT_PREFIX = '{"run_id"'
 """How the result line of a training run starts (the first key of `Trainer.result`)."""
 
+EXIT_BAD_INPUT = 2
+"""Exit code of bad input: a config, file or data error, such as a run whose loader gave up on some rank (every rank
+stops after the checkpoint of the last completed step)."""
 EXIT_NONFINITE = 3
 """Exit code of a run stopped by too many non-finite steps in a row (after its checkpoint)."""
 EXIT_PREEMPTED = 75
@@ -44,10 +47,11 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 def run_rank(args: argparse.Namespace) -> int:
     """Train on this rank (launched or in-process); prints the result JSON on rank 0; returns an exit code."""
     import deepspeed
+    from rich.markup import escape
 
     from plait.trainer.config import load_config
     from plait.trainer.console import console, emit_result
-    from plait.trainer.train import NonFiniteStop, Trainer
+    from plait.trainer.train import DataFailureStop, NonFiniteStop, Trainer
 
     cfg = load_config(args.config, _overrides(args))
     trainer = Trainer(cfg)
@@ -59,6 +63,9 @@ def run_rank(args: argparse.Namespace) -> int:
     except NonFiniteStop as err:
         console.print(f"[bold red]stopped:[/] {err}", highlight=False, soft_wrap=True)
         code = EXIT_NONFINITE
+    except DataFailureStop as err:
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        code = EXIT_BAD_INPUT
     finally:
         trainer.close(status)
         deepspeed.comm.destroy_process_group()
