@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 
 from plait.data.checks import check_at_least, check_positive
 from plait.data.loader import LoaderConfig
+from plait.data.manifest import INDEX_NAME
 from plait.data.packing import PackingConfig
 from plait.data.plan import PlanConfig
+from plait.data.remote import check_protocols
 from plait.data.shardlist import expand_urls, is_remote
 from plait.data.sizing import SizingConfig
 from plait.data.token_drop import TokenDropConfig
@@ -34,7 +36,11 @@ class DataConfig:
     """Where samples come from and how the loader reads them."""
 
     shards: str = ""
-    """Shard URLs: a path, glob, brace range (`shard-{000..127}.tar`) or `pipe:` command; empty = demo data."""
+    """Shard URLs: a folder, path, glob, brace range (`shard-{000..127}.tar`), fsspec URL (`https://`, `s3://`,
+    `gs://`, ...) or `pipe:` command; empty = demo data."""
+    index: str = ""
+    """Local folder holding the index of `shards` (`plait shards index SPEC --out DIR`); needed for remote shards;
+    empty = the shards' own folder."""
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
     """The built-in demo dataset used when `shards` is empty."""
     workers: int = 2
@@ -60,3 +66,9 @@ class DataConfig:
             missing = [u for u in urls if not is_remote(u) and not os.path.exists(u)]
             if missing or not urls:
                 raise ValueError(f"shards: no such shard {missing[0] if missing else self.shards!r}")
+            check_protocols(urls)
+            if not self.index and any(is_remote(u) for u in urls):
+                raise ValueError(f"index: required for remote shards {self.shards!r} (the folder "
+                                 "`plait shards index SPEC --out DIR` wrote)")
+        if self.index and not os.path.isfile(os.path.join(self.index, INDEX_NAME)):
+            raise ValueError(f"index: no {INDEX_NAME} in {self.index!r} (run `plait shards index SPEC --out DIR`)")

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from plait.data.batch import MODALITIES
 from plait.data.manifest import INDEX_NAME, read_index, read_manifest
 from plait.data.rng import keyed_rng
+from plait.data.remote import is_pipe
 from plait.data.shardlist import expand_urls, is_remote
 
 ROW_COLUMNS = ("key", "group", "sample_offset", "sample_size", "width", "height", "frames", "fps", "duration")
@@ -46,6 +47,15 @@ class ShardSource(Protocol):
         """A short hash naming the dataset (shards and counts), for the plan fingerprint."""
 
 
+def refuse_commands(names: list[str], index: Path) -> None:
+    """Raise ValueError naming the index row that holds a `pipe:` command: shard names read from data are never
+    run, only `pipe:` specs a user writes in `data.shards` or on the command line."""
+    for row, name in enumerate(names):
+        if is_pipe(name):
+            raise ValueError(f"{index}: row {row} names shard {name!r}; a `pipe:` command is run only when "
+                             "written in data.shards (with data.index) or on the command line")
+
+
 class DatasetIndex:
     """`plait-index.parquet` (shard → counts) plus per-shard manifests read lazily, newest few cached."""
 
@@ -55,7 +65,9 @@ class DatasetIndex:
         table = read_index(root)
         names = table.column("shard").to_pylist()
         keep = np.arange(len(names))
-        if shards is not None:
+        if shards is None:
+            refuse_commands(names, self.root / INDEX_NAME)
+        else:
             wanted = {self._resolve(s) for s in shards}
             keep = np.array([i for i, n in enumerate(names) if self._resolve(n) in wanted], dtype=np.int64)
             if len(keep) != len(wanted):
@@ -68,13 +80,19 @@ class DatasetIndex:
         self._cache_size = cache_size
 
     @classmethod
-    def from_spec(cls, spec: str, cache_size: int = 8) -> DatasetIndex:
-        """The index of a shard spec: a folder holding the index, or shards whose index sits in their common folder."""
-        if os.path.isdir(spec):
+    def from_spec(cls, spec: str, index: str = "", cache_size: int = 8) -> DatasetIndex:
+        """The index of a shard spec: a folder holding the index, shards whose index sits in their common folder,
+        or any shards (remote ones too) indexed into the folder `index`."""
+        if os.path.isdir(spec) and not index:
             return cls(spec, cache_size=cache_size)
         urls = expand_urls(spec)
-        if not urls or any(is_remote(u) for u in urls):
-            raise ValueError(f"shards: {spec!r} must name local shards or a folder holding {INDEX_NAME}")
+        if not urls:
+            raise ValueError(f"shards: {spec!r} matches no shard")
+        if index:
+            return cls(index, shards=urls, cache_size=cache_size)
+        if any(is_remote(u) for u in urls):
+            raise ValueError(f"shards: {spec!r} names remote shards; set data.index to the folder that "
+                             "`plait shards index SPEC --out DIR` wrote their index to")
         common = os.path.commonpath([os.path.dirname(os.path.abspath(u)) for u in urls])
         return cls(common, shards=urls, cache_size=cache_size)
 

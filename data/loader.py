@@ -30,6 +30,7 @@ from plait.data.media import modality_of
 from plait.data.packing import PackingConfig, PatchedSample, pack_samples
 from plait.data.plan_types import MicroBatchPlan, SampleRef
 from plait.data.reader import READ_REASONS, fetch_samples
+from plait.data.remote import ShardCache
 from plait.data.preprocess import SampleDecoder
 from plait.data.rng import key_id
 from plait.data.sizing import SizingConfig
@@ -64,11 +65,20 @@ class LoaderConfig:
     """Samples larger than this in the shard (all members) are skipped as oversized without being read; 0 = no limit."""
     log_interval_s: float = 30.0
     """Skipped-sample warnings are logged at most once per this many seconds (with counts since the last)."""
+    shard_cache: str = ""
+    """Folder of local copies of `pipe:` shards and of URL shards whose server ignores range requests (read once,
+    sequentially, then locally); empty = `plait-shard-cache-<uid>` in the system temporary folder."""
+    shard_cache_gb: float = 8.0
+    """Size the local shard copies are kept within per node (least recently used removed first)."""
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "prefetch_factor", "max_caption_tokens")
-        check_positive(self, "log_interval_s")
+        check_positive(self, "log_interval_s", "shard_cache_gb")
         check_at_least(self, 0, "max_sample_bytes")
+
+    def cache(self) -> ShardCache:
+        """The local copies of streamed shards these settings describe."""
+        return ShardCache(self.shard_cache, int(self.shard_cache_gb * (1 << 30)))
 
 
 @dataclass
@@ -141,6 +151,7 @@ class PlanDataset(Dataset):
         self.cfg = cfg or LoaderConfig()
         self.decoder = SampleDecoder(sizing, self.cfg.spec if self.cfg.spec_augment else None)
         self.augment = augment
+        self.cache = self.cfg.cache()
 
     def __len__(self) -> int:
         return self.num_steps
@@ -157,7 +168,8 @@ class PlanDataset(Dataset):
         """Read, decode and pack one planned micro-batch; bad samples are left out and listed."""
         skips: list[Skip] = []
         good: list[tuple[SampleRef, torch.Tensor, torch.Tensor, str]] = []
-        for position, fetched in enumerate(fetch_samples(plan.samples, max_bytes=self.cfg.max_sample_bytes)):
+        for position, fetched in enumerate(fetch_samples(plan.samples, max_bytes=self.cfg.max_sample_bytes,
+                                                                 cache=self.cache)):
             ref = fetched.ref
             if fetched.reason:
                 skips.append(Skip(position, ref.shard, ref.key, fetched.reason, fetched.detail))

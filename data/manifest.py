@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 
 from plait.data.media import META_EXTS, TEXT_EXTS, modality_of, probe
+from plait.data.remote import drain, open_stream
 from plait.data.tar_scan import ScannedSample, iter_samples
 
 MANIFEST_SUFFIX = ".plait.parquet"
@@ -105,11 +105,11 @@ def index_shard(url: str, shard_name: str | None = None) -> tuple[list[dict], st
     name = shard_name or url
     problems: list[str] = []
     try:
-        stream = wds.gopen(url, "rb")
-    except OSError as err:
-        return [], f"cannot open: {err}"
-    with stream:
-        rows = [sample_row(name, s) for s in iter_samples(stream, problems)]
+        with open_stream(url) as stream:
+            rows = [sample_row(name, s) for s in iter_samples(stream, problems)]
+            drain(stream)
+    except OSError as err:  # cannot open, read error, or a `pipe:` that failed: nothing it gave can be trusted
+        return [], f"unreadable: {err}"
     if not rows and not problems:
         problems.append("empty shard (no samples)")
     return rows, "ok" if not problems else "; ".join(problems)

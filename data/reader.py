@@ -1,8 +1,8 @@
 """Fetch the bytes of planned samples: byte ranges of local shards, one forward pass over streamed ones.
 
-The refs of one micro-batch are grouped by shard. A local shard is read with `os.pread` over
-coalesced ranges (neighbouring samples become one sequential read); a `pipe:` or URL shard is
-opened once with webdataset's `gopen` and read forward, skipping to each sample's offset. Each
+The refs of one micro-batch are grouped by shard and their ranges coalesced (neighbouring samples
+become one read). A local shard is read with `os.pread`, a URL shard by range requests, and a `pipe:`
+shard (or a URL whose server ignores ranges) from its local copy (`plait.data.remote.ShardCache`). Each
 fragment (a sample's headers and members, as the manifest recorded it) is parsed with
 `plait.data.tar_scan.iter_samples`. A sample that cannot be fetched is returned with the reason,
 never raised, so one bad sample costs only itself.
@@ -15,9 +15,8 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-import webdataset as wds
-
 from plait.data.plan_types import SampleRef
+from plait.data.remote import NoRangeReads, ShardCache, check_protocols, is_pipe, is_url, read_ranges
 from plait.data.shardlist import is_remote
 from plait.data.tar_scan import ScannedSample, iter_samples
 
@@ -25,7 +24,6 @@ READ_REASONS = ("unreadable", "corrupt", "truncated", "oversized")
 """Why a sample can fail before decoding: shard I/O error, tar/key mismatch, shard ends inside it, too big to read."""
 COALESCE_GAP = 1 << 20
 """Local reads: samples closer than this many bytes share one read (reading a gap beats a seek)."""
-_SKIP_CHUNK = 1 << 20
 
 
 @dataclass
@@ -48,7 +46,10 @@ def missing_shards(shards: Iterable[str]) -> list[str]:
 
 
 def check_shards(shards: Iterable[str]) -> None:
-    """Raise FileNotFoundError naming the missing local shards, so a run fails at start and not mid-epoch."""
+    """Raise FileNotFoundError naming the missing local shards (ValueError for a URL no installed store opens),
+    so a run fails at start and not mid-epoch."""
+    shards = list(shards)
+    check_protocols(shards)
     missing = missing_shards(shards)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -68,80 +69,48 @@ def coalesce(ranges: Sequence[tuple[int, int]], gap: int) -> list[tuple[int, int
     return spans
 
 
-def read_local(path: str, ranges: Sequence[tuple[int, int]], gap: int = COALESCE_GAP) -> list[bytes]:
-    """The bytes of each (offset, size) range of a local file (short at the end of the file)."""
+def _split(ranges: Sequence[tuple[int, int]], spans: list[tuple[int, int, list[int]]],
+           data: Sequence[bytes]) -> list[bytes]:
+    """The bytes of each range, cut out of the bytes read for the coalesced spans holding them."""
     out: list[bytes] = [b""] * len(ranges)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for start, end, members in coalesce(ranges, gap):
-            view = memoryview(os.pread(fd, end - start, start))
-            for i in members:
-                offset, size = ranges[i]
-                out[i] = bytes(view[offset - start: offset - start + size])
-    finally:
-        os.close(fd)
-    return out
-
-
-def _read_exactly(stream: io.RawIOBase, size: int) -> bytes:
-    """Up to `size` bytes (fewer only at the end of the stream)."""
-    chunks, left = [], size
-    while left > 0:
-        chunk = stream.read(left)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-def read_stream(url: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-    """The bytes of each (offset, size) range of a `pipe:`/URL shard, from one forward pass over it.
-
-    Raises OSError when the stream ends early because its producer failed (e.g. `pipe:` exit status).
-    """
-    out: list[bytes] = [b""] * len(ranges)
-    stream = wds.gopen(url, "rb")
-    try:
-        complete = _read_forward(stream, ranges, out)
-    except BaseException:
-        _close_quietly(stream)
-        raise
-    if complete:
-        _close_quietly(stream)
-    else:
-        stream.close()  # a failed producer reports its exit status here
-    return out
-
-
-def _read_forward(stream: io.RawIOBase, ranges: Sequence[tuple[int, int]], out: list[bytes]) -> bool:
-    """Fill `out` with the ranges, skipping forward between them; False when the stream ended first."""
-    position = 0
-    for start, end, members in coalesce(ranges, 0):
-        while position < start:
-            skipped = len(_read_exactly(stream, min(_SKIP_CHUNK, start - position)))
-            if not skipped:
-                return False
-            position += skipped
-        span = _read_exactly(stream, end - start)
-        position += len(span)
+    for (start, _, members), span in zip(spans, data):
+        view = memoryview(span)
         for i in members:
             offset, size = ranges[i]
-            out[i] = span[offset - start: offset - start + size]
-        if len(span) < end - start:
-            return False
-    return True
+            out[i] = bytes(view[offset - start: offset - start + size])
+    return out
 
 
-def _close_quietly(stream: object) -> None:
-    """Close a gopen stream without raising on the producer's exit status.
+def read_local(path: str, ranges: Sequence[tuple[int, int]], gap: int = COALESCE_GAP) -> list[bytes]:
+    """The bytes of each (offset, size) range of a local file (short at the end of the file)."""
+    spans = coalesce(ranges, gap)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _split(ranges, spans, [os.pread(fd, end - start, start) for start, end, _ in spans])
+    finally:
+        os.close(fd)
 
-    Stopping before the end makes a `pipe:` producer die of SIGPIPE; short reads already flagged
-    every sample the stream failed to deliver.
+
+def read_shard(shard: str, ranges: Sequence[tuple[int, int]], gap: int = COALESCE_GAP,
+               cache: ShardCache | None = None) -> list[bytes]:
+    """The bytes of each (offset, size) range of a local, URL or `pipe:` shard.
+
+    URLs are read by range requests; a `pipe:` or a URL without range support is read from its local copy.
     """
-    if hasattr(stream, "ignore_errors"):
-        stream.ignore_errors = True
-    stream.close()
+    if not (is_pipe(shard) or is_url(shard)):
+        return read_local(shard, ranges, gap)
+    cache = cache or ShardCache()
+    copy = cache.cached(shard)
+    if copy is None and is_url(shard):
+        spans = coalesce(ranges, gap)
+        try:
+            return _split(ranges, spans, read_ranges(shard, [(start, end) for start, end, _ in spans]))
+        except NoRangeReads:
+            pass
+    try:
+        return read_local(copy or cache.local_copy(shard), ranges, gap)
+    except FileNotFoundError:  # evicted by another worker between the lookup and the read
+        return read_local(cache.local_copy(shard), ranges, gap)
 
 
 def parse_fragment(ref: SampleRef, fragment: bytes) -> FetchedSample:
@@ -162,7 +131,8 @@ def parse_fragment(ref: SampleRef, fragment: bytes) -> FetchedSample:
     return FetchedSample(ref, sample)
 
 
-def fetch_samples(refs: Sequence[SampleRef], gap: int = COALESCE_GAP, max_bytes: int = 0) -> list[FetchedSample]:
+def fetch_samples(refs: Sequence[SampleRef], gap: int = COALESCE_GAP, max_bytes: int = 0,
+                  cache: ShardCache | None = None) -> list[FetchedSample]:
     """Fetch and parse every ref (result in `refs` order), each shard opened once.
 
     Samples over `max_bytes` (0: no limit) are reported oversized without being read.
@@ -175,16 +145,16 @@ def fetch_samples(refs: Sequence[SampleRef], gap: int = COALESCE_GAP, max_bytes:
         else:
             by_shard.setdefault(ref.shard, []).append(i)
     for shard, indices in by_shard.items():
-        for i, result in zip(indices, _fetch_shard(shard, [refs[i] for i in indices], gap)):
+        for i, result in zip(indices, _fetch_shard(shard, [refs[i] for i in indices], gap, cache)):
             out[i] = result
     return out  # type: ignore[return-value]  # every slot was filled above
 
 
-def _fetch_shard(shard: str, refs: list[SampleRef], gap: int) -> Iterator[FetchedSample]:
+def _fetch_shard(shard: str, refs: list[SampleRef], gap: int, cache: ShardCache | None) -> Iterator[FetchedSample]:
     """Fetch the refs of one shard; an I/O failure marks them all unreadable."""
     ranges = [(ref.sample_offset, ref.sample_size) for ref in refs]
     try:
-        fragments = read_stream(shard, ranges) if is_remote(shard) else read_local(shard, ranges, gap)
+        fragments = read_shard(shard, ranges, gap, cache)
     except OSError as err:
         for ref in refs:
             yield FetchedSample(ref, None, "unreadable", f"{type(err).__name__}: {err}")

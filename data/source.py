@@ -4,19 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import webdataset as wds
-
 from plait.data.config import DataConfig
 from plait.data.dataset_index import DatasetIndex
 from plait.data.manifest import INDEX_NAME, caption_and_group
 from plait.data.plan import AgreeMax, NextChange, PlanConfig, SamplePlan, ValuesAt
+from plait.data.remote import ShardCache, open_shard
 from plait.data.tar_scan import iter_samples
 
 
 def open_dataset(data: DataConfig) -> DatasetIndex:
     """The indexed dataset of `data.shards`, or the demo data (written and indexed on first use)."""
     if data.shards:
-        return DatasetIndex.from_spec(data.shards, cache_size=data.plan.manifest_cache)
+        return DatasetIndex.from_spec(data.shards, index=data.index, cache_size=data.plan.manifest_cache)
     from plait.data.demo import DemoSpec, write_demo
     from plait.data.indexer import index_dataset
 
@@ -42,11 +41,11 @@ def build_plan(data: DataConfig, index: DatasetIndex, seed: int, values_at: Valu
                       next_change=next_change)
 
 
-def dataset_captions(index: DatasetIndex, limit: int) -> list[str]:
+def dataset_captions(index: DatasetIndex, limit: int, cache: ShardCache) -> list[str]:
     """Up to `limit` captions, shard by shard in index order (for training a tokenizer)."""
     captions: list[str] = []
     for shard in range(len(index.names)):
-        with wds.gopen(index.shard_url(shard), "rb") as stream:
+        with open_shard(index.shard_url(shard), cache) as stream:
             for sample in iter_samples(stream, []):
                 caption, _ = caption_and_group(sample, sample.key)
                 if caption:

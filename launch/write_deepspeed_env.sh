@@ -10,8 +10,9 @@ out=${1:?usage: write_deepspeed_env.sh OUT_FILE}
 prefixes=${PLAIT_ENV_PREFIXES:-"NCCL_ MLFLOW_ HF_ TORCH_ CUDA_ OMP_ DS_ PLAIT_ WANDB_ TRANSFORMERS_"}
 names=${PLAIT_ENV_NAMES:-"PYTHONPATH LD_LIBRARY_PATH PATH MASTER_PORT"}
 
+# The file can carry secrets (HF_TOKEN, MLFLOW_TRACKING_PASSWORD): only its owner may read it.
 tmp="$out.tmp.$$"
-: > "$tmp"
+(umask 077 && : > "$tmp")
 while IFS= read -r -d '' entry; do
   name=${entry%%=*}
   value=${entry#*=}

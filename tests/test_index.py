@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import webdataset as wds
 from PIL import Image
 
@@ -97,3 +99,20 @@ def test_pipe_shards_index_like_paths(tmp_path, demo_dir) -> None:
     direct = read_manifest(str(shard) + ".plait.parquet").to_pylist()
     strip = lambda rows: [{k: v for k, v in r.items() if k != "shard"} for r in rows]  # noqa: E731
     assert strip(piped) == strip(direct)
+
+
+@pytest.mark.parametrize("command, status", [
+    ("false", r"^unreadable: pipe:false exited 1$"),
+    ("no-such-command-here", r"^unreadable: pipe:no-such-command-here exited 127: .*no-such-command-here.*not found"),
+    ("head -c 30000 {shard}; echo disk quota exceeded >&2; exit 3", r"exited 3: disk quota exceeded$"),
+])
+def test_failing_pipes_are_bad_shards_with_their_exit_code(tmp_path, demo_dir, command, status) -> None:
+    shard = sorted(demo_dir.glob("*.tar"))[0]
+    good = f"pipe:cat {shard}"
+    summary = index_dataset(f"{good}::pipe:{command.format(shard=shard)}", out=tmp_path / "m", workers=1)
+    assert (summary["shards"], summary["bad_shards"], summary["samples"]) == (2, 1, 20)
+    rows = pq.read_table(tmp_path / "m" / INDEX_NAME).to_pylist()
+    assert rows[0]["status"] == "ok"
+    assert re.search(status, rows[1]["status"]) and rows[1]["samples"] == 0
+    proc = run_plait("shards", "index", f"pipe:{command.format(shard=shard)}", "--out", str(tmp_path / "cli"))
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["bad_shards"] == 1 and "Traceback" not in proc.stderr

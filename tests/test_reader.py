@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from plait.data.plan_types import SampleRef
-from plait.data.reader import check_shards, coalesce, fetch_samples, missing_shards, read_local, read_stream
+from plait.data.reader import check_shards, coalesce, fetch_samples, missing_shards, read_local, read_shard
+from plait.data.remote import ShardCache
 from plait.data.sizing import SampleGrid
 from plait.trainer.bench.loader import manifest_rows
 
@@ -62,15 +63,36 @@ def test_fetch_returns_each_planned_sample_in_plan_order(shard_rows, gap):
     assert members_of(fetched) == [reference[r.key] for r in order]
 
 
-def test_pipe_reads_the_same_samples_as_the_path(shard_rows):
+def test_pipe_reads_the_same_samples_as_the_path(shard_rows, tmp_path):
     path = shard_rows[0]["shard"]
     refs = refs_of(shard_rows)[1::3]
+    cache = ShardCache(str(tmp_path / "cache"))
     by_path = fetch_samples(refs)
-    by_pipe = fetch_samples([replace(r, shard=f"pipe:cat {path}") for r in refs])
+    by_pipe = fetch_samples([replace(r, shard=f"pipe:cat {path}") for r in refs], cache=cache)
     assert all(f.reason == "" for f in by_pipe)
     assert members_of(by_pipe) == members_of(by_path)
     ranges = [(r.sample_offset, r.sample_size) for r in refs]
-    assert read_stream(f"pipe:cat {path}", ranges) == read_local(path, ranges)
+    assert read_shard(f"pipe:cat {path}", ranges, cache=cache) == read_local(path, ranges)
+
+
+def test_a_pipe_runs_once_however_often_its_shard_is_read(shard_rows, tmp_path):
+    path, runs = shard_rows[0]["shard"], tmp_path / "runs"
+    shard = f"pipe:echo run >> {runs}; cat {path}"
+    cache = ShardCache(str(tmp_path / "cache"))
+    refs = refs_of(shard_rows, shard)
+    for batch in (refs[:2], refs[2:5], refs[:1]):
+        assert [f.reason for f in fetch_samples(batch, cache=cache)] == [""] * len(batch)
+    assert runs.read_text().splitlines() == ["run"]
+
+
+def test_the_shard_cache_keeps_the_most_recent_copies_within_its_size(shard_rows, tmp_path):
+    path = shard_rows[0]["shard"]
+    size = Path(path).stat().st_size
+    cache = ShardCache(str(tmp_path / "cache"), max_bytes=2 * size)
+    copies = [cache.local_copy(f"pipe:cat {path} # {i}") for i in range(3)]
+    assert [Path(c).exists() for c in copies] == [False, True, True]
+    assert cache.cached(f"pipe:cat {path} # 0") is None
+    assert Path(copies[2]).read_bytes() == Path(path).read_bytes()
 
 
 def test_corrupt_header_in_the_middle_costs_only_that_sample(shard_rows, tmp_path):
@@ -81,7 +103,7 @@ def test_corrupt_header_in_the_middle_costs_only_that_sample(shard_rows, tmp_pat
         f.seek(victim["sample_offset"])
         f.write(b"\x5a" * 512)  # the sample's first header block becomes garbage
     for shard in (bad, f"pipe:cat {bad}"):
-        fetched = fetch_samples(refs_of(shard_rows, shard))
+        fetched = fetch_samples(refs_of(shard_rows, shard), cache=ShardCache(str(tmp_path / "cache")))
         reasons = {f.ref.key: f.reason for f in fetched}
         assert reasons.pop(victim["key"]) == "corrupt"
         assert set(reasons.values()) == {""}
@@ -95,7 +117,7 @@ def test_truncated_shard_marks_the_cut_samples_truncated(shard_rows, tmp_path):
     middle = shard_rows[len(shard_rows) // 2]
     Path(cut).write_bytes(data[: middle["sample_offset"] + middle["sample_size"] // 2])
     for shard in (cut, f"pipe:cat {cut}"):
-        fetched = fetch_samples(refs_of(shard_rows, shard))
+        fetched = fetch_samples(refs_of(shard_rows, shard), cache=ShardCache(str(tmp_path / "cache")))
         position = len(shard_rows) // 2
         assert [f.reason for f in fetched[:position]] == [""] * position
         assert {f.reason for f in fetched[position:]} == {"truncated"}
@@ -106,8 +128,9 @@ def test_stale_offsets_and_missing_shards_are_reasons_not_crashes(shard_rows, tm
     moved = replace(refs[0], sample_offset=refs[1].sample_offset, sample_size=refs[1].sample_size)
     gone = replace(refs[2], shard=str(tmp_path / "gone.tar"))
     failing_pipe = replace(refs[3], shard=f"pipe:cat {tmp_path / 'gone.tar'}")
-    fetched = fetch_samples([moved, gone, failing_pipe, refs[4]])
+    fetched = fetch_samples([moved, gone, failing_pipe, refs[4]], cache=ShardCache(str(tmp_path / "cache")))
     assert [f.reason for f in fetched] == ["corrupt", "unreadable", "unreadable", ""]
+    assert list((tmp_path / "cache").glob("*.tar")) == []  # the failed copy left nothing behind
     assert str(tmp_path / "gone.tar") in fetched[1].detail
 
 

@@ -104,7 +104,7 @@ def resolve_tokenizer(cfg: RunConfig, index: DatasetIndex) -> PreTrainedTokenize
     trained = source == Path(cfg.run_dir) / TOKENIZER_DIR
     if trained and rank == 0 and not (source / "tokenizer.json").exists():
         vocab = int(cfg.model.llm.model_kwargs.get("vocab_size", 0))
-        train_tokenizer(dataset_captions(index, TOKENIZER_CAPTIONS), vocab, source)
+        train_tokenizer(dataset_captions(index, TOKENIZER_CAPTIONS, cfg.data.loader.cache()), vocab, source)
         logger.info("trained a %d-token caption tokenizer into %s", vocab, source)
     if trained and dist.is_initialized():
         dist.barrier()
