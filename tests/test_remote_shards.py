@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -130,11 +131,18 @@ def test_remote_specs_need_an_index_and_a_known_store(tmp_path: Path) -> None:
 
 def test_an_index_naming_a_command_is_refused_and_runs_nothing(demo_dir: Path, tmp_path: Path) -> None:
     marker = tmp_path / "marker"
-    shard = sorted(demo_dir.glob("*.tar"))[0]
+    (tmp_path / "index").mkdir()
+    shard = shutil.copy(sorted(demo_dir.glob("*.tar"))[0], tmp_path / "index" / "real.tar")
     index_dataset(f"pipe:touch {marker}; cat {shard}", out=tmp_path / "index", workers=1)
     marker.unlink()
     with pytest.raises(ValueError, match=rf"{INDEX_NAME}: row 0 names shard 'pipe:touch"):
         DatasetIndex.from_spec(str(tmp_path / "index"))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "data": {"shards": str(tmp_path / "index")}}))
+    for command in (["data", "walk", str(config), "--world-size", "1", "--steps", "1", "--decode"],
+                    ["train", str(config), "--steps", "1"]):
+        proc = run_plait(*command, check=False)
+        assert proc.returncode == 2 and "row 0 names shard 'pipe:touch" in proc.stderr, proc.stderr[-2000:]
     assert not marker.exists()
 
 

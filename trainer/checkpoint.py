@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from plait.trainer.losses.distributed import host_group
+from plait.trainer.safe_load import check_files, safe_load, weights_only
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def _tensor_only_copy(source: Path, staging: Path) -> None:
     staging.mkdir()
     for item in source.iterdir():
         if item.name.startswith("mp_rank_") and item.name.endswith("_model_states.pt"):
-            state = torch.load(item, map_location="cpu", weights_only=False)
+            state = safe_load(item)
             state["module"] = {k: v for k, v in state["module"].items() if torch.is_tensor(v)}
             torch.save(state, staging / item.name)
         else:
@@ -212,9 +213,12 @@ class Checkpointer:
         if tag is None:
             return None
         saved_world = read_meta(self.folder, tag)["world_size"]
+        check_files(self.folder / tag)
         load_tag = tag if saved_world == _world() else to_universal(self.folder, tag)
-        path, client = engine.load_checkpoint(str(self.folder), tag=load_tag, load_module_strict=True,
-                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        check_files(self.folder / load_tag)
+        with weights_only():
+            path, client = engine.load_checkpoint(str(self.folder), tag=load_tag, load_module_strict=True,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.folder / load_tag}")
         own = self.folder / load_tag / f"plait_rank{_rank()}.pt"
@@ -226,7 +230,7 @@ class Checkpointer:
             if frozen:
                 logger.warning("universal checkpoints carry no frozen weights: the frozen modules %s keep their "
                                "values from the build (exact only if they were frozen since step 0)", frozen)
-        rank_state = torch.load(own, weights_only=False)
+        rank_state = safe_load(own)
         logger.info("resumed from %s", self.folder / load_tag)
         return client["plait"], rank_state
 

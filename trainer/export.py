@@ -17,6 +17,7 @@ from plait.data.tokenizer import load_tokenizer
 from plait.trainer.checkpoint import LATEST, latest_tag
 from plait.trainer.config import RunConfig
 from plait.trainer.config_loader import build
+from plait.trainer.safe_load import check_files, safe_load, weights_only
 from plait.trainer.model.pretrained import CONFIG_NAME, LLM_DIR, PretrainedModel, preprocess_config, tokenizer_source
 
 MODEL_PREFIX = "model."
@@ -38,7 +39,8 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
 
 def model_states(folder: Path, tag: str) -> dict[str, Any]:
     """DeepSpeed's rank-0 model states: the module state (whole below ZeRO-3) and plait's run state."""
-    return torch.load(folder / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    check_files(folder / tag)
+    return safe_load(folder / tag / "mp_rank_00_model_states.pt")
 
 
 def run_state(folder: Path, tag: str) -> dict[str, Any]:
@@ -74,7 +76,8 @@ def load_trained(checkpoint: str | Path) -> tuple[PretrainedModel, dict[str, Any
     cfg = saved_run_config(state, folder.parent)
     model = PretrainedModel(cfg.model, preprocess_config(cfg), load_tokenizer(tokenizer_source(cfg)),
                             load_weights=False)
-    weights = with_frozen(get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag), states["module"])
+    with weights_only():
+        weights = with_frozen(get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag), states["module"])
     own = {k.removeprefix(MODEL_PREFIX): v for k, v in weights.items() if k.startswith(MODEL_PREFIX)}
     missing, unexpected = model.model.load_state_dict(own, strict=False)
     if unexpected or [k for k in missing if k in dict(model.model.named_parameters())]:
