@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from plait.data.batch import MODALITIES
 from plait.data.checks import check_at_least, check_positive
 from plait.data.loader import LoaderConfig
 from plait.data.manifest import INDEX_NAME
@@ -31,6 +32,50 @@ class DemoDataConfig:
         check_positive(self, "samples", "samples_per_shard")
 
 
+def check_shard_spec(name: str, shards: str, index: str) -> None:
+    """Raise ValueError naming the field when a shard spec matches nothing, names a missing local shard or a store
+    no installed fsspec package opens, or is remote without an index folder."""
+    urls = expand_urls(shards)
+    missing = [u for u in urls if not is_remote(u) and not os.path.exists(u)]
+    if missing or not urls:
+        raise ValueError(f"{name}: no such shard {missing[0] if missing else shards!r}")
+    try:
+        check_protocols(urls)
+    except ValueError as err:
+        raise ValueError(f"{name}: {str(err).removeprefix('shards: ')}") from None
+    if not index and any(is_remote(u) for u in urls):
+        raise ValueError(f"{name}: remote shards {shards!r} need an index folder (what "
+                         "`plait shards index SPEC --out DIR` wrote)")
+    if index and not os.path.isfile(os.path.join(index, INDEX_NAME)):
+        raise ValueError(f"{name}: no {INDEX_NAME} in index folder {index!r} (run `plait shards index SPEC --out DIR`)")
+
+
+@dataclass
+class SourceConfig:
+    """One named dataset of a mixture (e.g. one image, video or audio set)."""
+
+    name: str = ""
+    """Name in metrics (`data/source/NAME/...`) and in the curriculum's `source_weights`."""
+    shards: str = ""
+    """Its shards, in any form `data.shards` accepts."""
+    index: str = ""
+    """Folder holding its index (needed for remote shards; empty = the shards' own folder)."""
+    weight: float = 1.0
+    """Share of each window drawn from it, relative to the other sources (the curriculum can change it)."""
+    modality: str = ""
+    """Use only its samples of this modality (image, audio or video); empty = all it holds."""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name: a source needs a name without '/', got {self.name!r}")
+        if not self.shards:
+            raise ValueError(f"shards: source {self.name!r} names no shards")
+        check_shard_spec("shards", self.shards, self.index)
+        check_positive(self, "weight")
+        if self.modality and self.modality not in MODALITIES:
+            raise ValueError(f"modality: {self.modality!r} is not one of {list(MODALITIES)}")
+
+
 @dataclass
 class DataConfig:
     """Where samples come from and how the loader reads them."""
@@ -41,6 +86,8 @@ class DataConfig:
     index: str = ""
     """Local folder holding the index of `shards` (`plait shards index SPEC --out DIR`); needed for remote shards;
     empty = the shards' own folder."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Named datasets mixed by weight (instead of `shards`); see `plan.sampling` for what an epoch is."""
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
     """The built-in demo dataset used when `shards` is empty."""
     workers: int = 2
@@ -61,14 +108,13 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_at_least(self, 0, "workers")
         check_positive(self, "max_consecutive_failures")
+        if self.shards and self.sources:
+            raise ValueError("sources: set either data.shards or data.sources, not both")
         if self.shards:
-            urls = expand_urls(self.shards)
-            missing = [u for u in urls if not is_remote(u) and not os.path.exists(u)]
-            if missing or not urls:
-                raise ValueError(f"shards: no such shard {missing[0] if missing else self.shards!r}")
-            check_protocols(urls)
-            if not self.index and any(is_remote(u) for u in urls):
-                raise ValueError(f"index: required for remote shards {self.shards!r} (the folder "
-                                 "`plait shards index SPEC --out DIR` wrote)")
-        if self.index and not os.path.isfile(os.path.join(self.index, INDEX_NAME)):
-            raise ValueError(f"index: no {INDEX_NAME} in {self.index!r} (run `plait shards index SPEC --out DIR`)")
+            check_shard_spec("shards", self.shards, self.index)
+        elif self.index:
+            raise ValueError("index: set only with data.shards")
+        names = [source.name for source in self.sources]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"sources: names must be unique, {repeated} repeat")

@@ -35,13 +35,14 @@ class ShardSource(Protocol):
     """What the plan needs from a dataset: shard counts, shard URLs and the rows of chosen samples."""
 
     def counts(self) -> np.ndarray:
-        """[num_shards, len(MODALITIES)] int64 usable (status ok) samples per shard and modality."""
+        """[num_shards, streams] int64 usable (status ok) samples per shard and stream (a stream per modality, or per
+        source and modality: `plait.data.sources`)."""
 
     def shard_url(self, shard: int) -> str:
         """Path or URL the loader opens for shard number `shard`."""
 
-    def rows(self, shard: int, modality: int, index: np.ndarray) -> dict[str, np.ndarray]:
-        """ROW_COLUMNS of the usable samples of one modality in one shard, at positions `index` (manifest order)."""
+    def rows(self, shard: int, stream: int, index: np.ndarray) -> dict[str, np.ndarray]:
+        """ROW_COLUMNS of the usable samples of one stream in one shard, at positions `index` (manifest order)."""
 
     def identity(self) -> str:
         """A short hash naming the dataset (shards and counts), for the plan fingerprint."""
@@ -165,29 +166,41 @@ class EpochLayout:
         return self.cum[:, -1]
 
 
-def read_positions(source: ShardSource, layout: EpochLayout, modality: int,
+def read_positions(source: ShardSource, layout: EpochLayout, stream: int,
                    positions: np.ndarray) -> dict[str, np.ndarray]:
-    """Rows at sorted `positions` of one modality's epoch stream, reading only the shards they fall in."""
-    j = np.searchsorted(layout.cum[modality], positions, side="right") - 1
+    """Rows at sorted `positions` of one epoch stream, reading only the shards they fall in.
+
+    Positions past the stream's size wrap around it (a source sampled with replacement); the rows keep the
+    positions asked for, in the order of the samples they wrap to.
+    """
+    size = int(layout.cum[stream, -1])
+    if len(positions) and positions[-1] >= size:
+        order = np.argsort(positions % size, kind="stable")
+        positions, wrapped = positions[order], positions[order] % size
+    else:
+        wrapped = positions
+    j = np.searchsorted(layout.cum[stream], wrapped, side="right") - 1
     parts = []
     bounds = np.flatnonzero(np.diff(j)) + 1
-    for chunk_j, chunk_pos in zip(np.split(j, bounds), np.split(positions, bounds)):
+    for chunk_j, chunk_wrapped, chunk_pos in zip(np.split(j, bounds), np.split(wrapped, bounds),
+                                                 np.split(positions, bounds)):
         if not len(chunk_j):
             continue
         shard = int(layout.order[chunk_j[0]])
-        rows = source.rows(shard, modality, chunk_pos - layout.cum[modality, chunk_j[0]])
+        rows = source.rows(shard, stream, chunk_wrapped - layout.cum[stream, chunk_j[0]])
         rows.update(shard=np.full(len(chunk_pos), shard, dtype=np.int64), position=chunk_pos,
-                    modality=np.full(len(chunk_pos), modality, dtype=np.int64))
+                    stream=np.full(len(chunk_pos), stream, dtype=np.int64),
+                    modality=np.full(len(chunk_pos), stream % len(MODALITIES), dtype=np.int64))
         parts.append(rows)
     return concat_rows(parts)
 
 
 def concat_rows(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Concatenate row dicts column by column (an empty list gives empty columns)."""
-    names = (*ROW_COLUMNS, "shard", "position", "modality")
+    names = (*ROW_COLUMNS, "shard", "position", "stream", "modality")
     if not parts:
         empty = {name: np.zeros(0, dtype=object if name in ("key", "group") else np.float64) for name in names}
-        empty.update(shard=np.zeros(0, np.int64), position=np.zeros(0, np.int64), modality=np.zeros(0, np.int64))
+        empty.update({name: np.zeros(0, np.int64) for name in ("shard", "position", "stream", "modality")})
         return empty
     return {name: np.concatenate([p[name] for p in parts]) for name in names}
 

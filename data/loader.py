@@ -193,8 +193,20 @@ class PlanDataset(Dataset):
         batch = pack_samples(samples, self.packing)
         reasons = Counter(skip.reason for skip in skips)
         batch.counters.update({"planned": len(plan.samples), "skipped": len(skips),
-                               **{f"skipped_{r}": reasons.get(r, 0) for r in SKIP_REASONS}})
+                               **{f"skipped_{r}": reasons.get(r, 0) for r in SKIP_REASONS},
+                               **source_counters(plan.samples, skips)})
         return LoadedStep(step, batch, len(plan.samples), skips)
+
+
+def source_counters(refs: Sequence[SampleRef], skips: Sequence[Skip]) -> dict[str, int]:
+    """`source/NAME/samples` (used) and `source/NAME/skipped` of a batch's named sources (none for one dataset)."""
+    planned = Counter(ref.source for ref in refs if ref.source)
+    skipped = Counter(refs[skip.position].source for skip in skips if refs[skip.position].source)
+    counters = {}
+    for name, count in planned.items():
+        counters[f"source/{name}/samples"] = count - skipped[name]
+        counters[f"source/{name}/skipped"] = skipped[name]
+    return counters
 
 
 class FailureGuard:

@@ -30,7 +30,7 @@ from plait.data.batch import MODALITIES, STREAM_OF_MODALITY
 from plait.data.checks import check_positive, check_table
 from plait.data.dataset_index import EpochLayout, ShardSource, concat_rows, read_positions, take_rows
 from plait.data.packing import PackingConfig, pack_lengths, padded_length, segment_costs
-from plait.data.plan_state import PlanState, mix_weights, window_take
+from plait.data.plan_state import PlanState, mix_weights, stream_weights, weighted_take, window_take
 from plait.data.plan_types import MicroBatchPlan, SampleRef
 from plait.data.rng import keyed_rng, keyed_seeds, keyed_uniforms
 from plait.data.sizing import NUM_DRAWS, SampleGrids, SizingConfig, size_samples
@@ -43,6 +43,8 @@ ValuesAt = Callable[[int], tuple[Mapping[int, float], float, Mapping[str, float]
 """step → (resolution distribution, mean token drop rate, modality mix), e.g. from `Curriculum.at(step)`."""
 AgreeMax = Callable[[int], int]
 """All-reduce MAX of an integer over the data-parallel ranks (lets a rank plan only its own share)."""
+WeightsAt = Callable[[int], Mapping[str, float]]
+"""Optimizer step → weight of each named source (`Sources`), e.g. the curriculum's `source_weights`."""
 NextChange = Callable[[int], "int | None"]
 """Optimizer step → the next later step at which the sizing values (resolution, token drop) change, or None."""
 
@@ -61,6 +63,11 @@ class PlanConfig:
     """Fraction of groups held out (whole groups, chosen by a hash of the group id)."""
     manifest_cache: int = 8
     """Per-shard manifests kept in memory per modality stream (a rank reads one or two per window)."""
+    sampling: Literal["once", "weighted"] = "once"
+    """With several `data.sources`: `once` uses every sample of every source once per epoch (weights set the order:
+    a heavier source is used up sooner, then the others fill the windows); `weighted` draws each window by weight
+    alone, a source that runs out starting over (repeats within an epoch), an epoch being as many samples as all
+    sources hold. Held-out walks are always `once`."""
     replan_every: int = 100
     """During a curriculum ramp of resolution or token drop, each rank re-sizes what it has left at least every
     this many optimizer steps (a step change takes effect at its own step)."""
@@ -71,6 +78,8 @@ class PlanConfig:
             raise ValueError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
         if self.split not in ("train", "eval"):
             raise ValueError(f"split: must be train or eval, got {self.split!r}")
+        if self.sampling not in ("once", "weighted"):
+            raise ValueError(f"sampling: must be once or weighted, got {self.sampling!r}")
         self.mix = check_table("mix", self.mix, probabilities=True)
         unknown = sorted(set(self.mix) - set(MODALITIES))
         if unknown:
@@ -89,6 +98,15 @@ class RankStep:
     """Samples the plan could not place, by reason (reported on the rank's first step of a segment)."""
     values: dict[str, object] = field(default_factory=dict)
     """The curriculum's sizing values in force (resolution, token drop rate)."""
+
+    @property
+    def sources(self) -> dict[str, int]:
+        """Samples of each named source in this micro-batch (empty for a single dataset)."""
+        counts: dict[str, int] = {}
+        for ref in self.plan.samples:
+            if ref.source:
+                counts[ref.source] = counts.get(ref.source, 0) + 1
+        return counts
 
     @property
     def mix(self) -> dict[str, int]:
@@ -168,8 +186,8 @@ def _stream_bins(kept: np.ndarray, costs: np.ndarray, members: np.ndarray,
 
 def plan_rank(source: ShardSource, layout: EpochLayout, positions: list[np.ndarray], inputs: SizingInputs,
               split: SplitSpec, shuffle_key: tuple) -> RankPlan:
-    """Plan one rank's share (`positions[m]` of each modality's stream) of a window segment."""
-    rows = concat_rows([read_positions(source, layout, m, p) for m, p in enumerate(positions) if len(p)])
+    """Plan one rank's share (`positions[k]` of each stream) of a window segment."""
+    rows = concat_rows([read_positions(source, layout, k, p) for k, p in enumerate(positions) if len(p)])
     rows = take_rows(rows, np.flatnonzero(split_mask(rows["group"], split)))
     rows = take_rows(rows, keyed_rng(inputs.seed, "plan-shuffle", *shuffle_key).permutation(len(rows["key"])))
     uniforms = keyed_uniforms(keyed_seeds(inputs.seed, rows["key"], inputs.epoch, "size"), NUM_DRAWS)
@@ -226,14 +244,14 @@ class _Segment:
     """The curriculum's sizing values the segment was planned with (resolution, token drop rate)."""
 
 
-def leftover(plan: RankPlan, order: np.ndarray, consumed: int) -> list[np.ndarray]:
-    """Stream positions of each modality of the rank's samples not in its first `consumed` steps (too-long ones
+def leftover(plan: RankPlan, order: np.ndarray, consumed: int, streams: int) -> list[np.ndarray]:
+    """Positions in each of the `streams` of the rank's samples not in its first `consumed` steps (too-long ones
     excluded: they never fit)."""
     done = [plan.batches[k] for k in order[:consumed].tolist() if k < len(plan.batches)]
     used = np.zeros(len(plan.rows["key"]), dtype=bool)
     used[np.concatenate([np.zeros(0, dtype=np.int64), plan.too_long, *done])] = True
     rows = plan.rows
-    return [np.sort(rows["position"][~used & (rows["modality"] == m)]) for m in range(len(MODALITIES))]
+    return [np.sort(rows["position"][~used & (rows["stream"] == k)]) for k in range(streams)]
 
 
 class SamplePlan:
@@ -247,7 +265,8 @@ class SamplePlan:
     def __init__(self, source: ShardSource, *, seed: int, sizing: SizingConfig, token_drop: TokenDropConfig,
                  packing: PackingConfig, values_at: ValuesAt, world_size: int, ranks: list[int] | None = None,
                  config: PlanConfig | None = None, agree: AgreeMax | None = None, fingerprint_extra: str = "",
-                 accumulation: int = 1, next_change: NextChange | None = None) -> None:
+                 accumulation: int = 1, next_change: NextChange | None = None,
+                 source_weights_at: WeightsAt | None = None) -> None:
         if world_size < 1:
             raise ValueError(f"world_size: must be >= 1, got {world_size}")
         if accumulation < 1:
@@ -262,7 +281,12 @@ class SamplePlan:
         self.next_change = next_change
         self.split = SplitSpec(heldout=self.cfg.split == "eval", fraction=self.cfg.eval_fraction)
         self._counts = source.counts()
-        self.state = PlanState(fingerprint=self._fingerprint(fingerprint_extra), accumulation=accumulation)
+        self.streams = self._counts.shape[1]
+        several = self.streams > len(MODALITIES)
+        self.sampling = self.cfg.sampling if self.cfg.split == "train" and several else "once"
+        self.source_weights_at = source_weights_at
+        self.state = PlanState(fingerprint=self._fingerprint(fingerprint_extra), accumulation=accumulation,
+                               cursors=[0] * self.streams)
         self._layout: EpochLayout | None = None
         self._segment: _Segment | None = None
         self._epoch_first_step: int | None = 0
@@ -273,6 +297,8 @@ class SamplePlan:
                  "token_drop": asdict(self.token_drop), "packing": asdict(self.packing),
                  "window": self.cfg.window_samples, "split": self.cfg.split, "mix": self.cfg.mix,
                  "eval_fraction": self.cfg.eval_fraction, "replan_every": self.cfg.replan_every, "extra": extra}
+        if self.streams > len(MODALITIES):
+            parts["sampling"] = self.sampling
         return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=8).hexdigest()
 
     # ----------------------------------------------------------------- state
@@ -315,12 +341,39 @@ class SamplePlan:
         return self._layout
 
     def _window_positions(self) -> list[np.ndarray]:
-        """Stream positions of each modality that the current window takes."""
+        """Positions in each stream that the current window takes (the mix and source weights at its start)."""
         state, totals = self.state, self.layout().totals
-        _, _, mix = self.values_at(state.segments[0][4])
+        step = state.segments[0][4]
+        _, _, mix = self.values_at(step)
         cursors = np.array(state.cursors, dtype=np.int64)
-        take = window_take(totals - cursors, mix_weights(mix), self.cfg.window_samples)
+        sources = self._source_weights(step)
+        if self.sampling == "weighted":
+            weights = stream_weights(totals, mix_weights(mix), sources)
+            take = weighted_take(int(totals.sum() - cursors.sum()), weights, totals, self.cfg.window_samples)
+        else:
+            weights = stream_weights(totals - cursors, mix_weights(mix), sources)
+            take = window_take(totals - cursors, weights, self.cfg.window_samples)
         return [np.arange(c, c + n, dtype=np.int64) for c, n in zip(cursors, take)]
+
+    def _source_weights(self, step: int) -> np.ndarray | None:
+        """Weight of each source at optimizer step `step` in source order; None for a single dataset."""
+        names = getattr(self.source, "source_names", None)
+        if names is None:
+            return None
+        weights = self.source_weights_at(step) if self.source_weights_at else self.source.weights
+        return np.array([float(weights[name]) for name in names])
+
+    def _source_name(self, stream: int) -> str:
+        """Name of the source a stream belongs to ('' for a single dataset)."""
+        names = getattr(self.source, "source_names", None)
+        return names[stream // len(MODALITIES)] if names else ""
+
+    def _epoch_done(self) -> bool:
+        """Whether the windows so far used up the epoch (every stream, or as many samples as all hold)."""
+        totals, cursors = self.layout().totals, np.asarray(self.state.cursors)
+        if self.sampling == "weighted":
+            return int(cursors.sum()) >= int(totals.sum())
+        return bool(np.array_equal(cursors, totals))
 
     def _inputs(self, step: int) -> SizingInputs:
         """Sizing inputs of a segment starting at optimizer step `step` (the curriculum values there)."""
@@ -376,8 +429,8 @@ class SamplePlan:
             segment = self._plan_segment(index, start, shares)
             if index == len(state.segments) - 1:
                 break
-            kept = {r: leftover(plan, segment.order, consumed) for r, plan in segment.ranks.items()}
-            pooled = [np.sort(np.concatenate([share[m] for share in kept.values()])) for m in range(len(MODALITIES))]
+            kept = {r: leftover(plan, segment.order, consumed, self.streams) for r, plan in segment.ranks.items()}
+            pooled = [np.sort(np.concatenate([share[k] for share in kept.values()])) for k in range(self.streams)]
             start += consumed
         for plan in segment.ranks.values():
             add_seeds(plan, self.seed, state.epoch)
@@ -388,7 +441,7 @@ class SamplePlan:
         state = self.state
         consumed = state.segments[-1][1]
         start = state.step
-        kept = {r: leftover(plan, segment.order, consumed) for r, plan in segment.ranks.items()}
+        kept = {r: leftover(plan, segment.order, consumed, self.streams) for r, plan in segment.ranks.items()}
         state.segments.append(self._new_segment(local=True))
         cut = self._plan_segment(len(state.segments) - 1, start, kept)
         for plan in cut.ranks.values():
@@ -402,10 +455,10 @@ class SamplePlan:
         state.window += 1
         state.window_step = state.step
         state.segments = [self._new_segment(local=False)]
-        if np.array_equal(state.cursors, self.layout().totals):
+        if self._epoch_done():
             if self._epoch_first_step == state.step:
                 raise ValueError(f"split: epoch {state.epoch} has no usable {self.cfg.split} samples")
-            state.epoch, state.window, state.cursors = state.epoch + 1, 0, [0] * len(MODALITIES)
+            state.epoch, state.window, state.cursors = state.epoch + 1, 0, [0] * self.streams
             self._layout, self._epoch_first_step = None, state.step
         self._segment = None
 
@@ -455,6 +508,7 @@ class SamplePlan:
         batch = plan.batches[slot] if slot < len(plan.batches) else np.zeros(0, dtype=np.int64)
         rows, grids = plan.rows, plan.grids
         samples = [SampleRef(shard=self.source.shard_url(int(rows["shard"][i])), key=str(rows["key"][i]),
+                             source=self._source_name(int(rows["stream"][i])),
                              modality=MODALITIES[int(rows["modality"][i])], group=str(rows["group"][i]),
                              sample_offset=int(rows["sample_offset"][i]), sample_size=int(rows["sample_size"][i]),
                              grid=grids[int(i)], drop_seed=int(plan.seeds["drop"][i]),

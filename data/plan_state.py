@@ -37,7 +37,7 @@ class PlanState:
     window_step: int = 0
     """Micro-batch index at which the current window started."""
     cursors: list[int] = field(default_factory=lambda: [0] * len(MODALITIES))
-    """Samples of each modality's epoch stream taken by the windows before the current one."""
+    """Samples of each stream (modality, or source and modality) taken by the windows before the current one."""
     segments: list[list[int]] = field(default_factory=list)
     """[world_size, steps consumed, steps planned (-1 until planned), local, first optimizer step] of each segment
     of the current window, the last in progress; `local` 1 = a curriculum cut (each rank keeps its leftover),
@@ -91,8 +91,25 @@ def mix_weights(mix: Mapping[str, float]) -> np.ndarray | None:
         return None
     unknown = sorted(set(mix) - set(MODALITIES))
     if unknown:
-        raise ValueError(f"mix: unknown sources {unknown}; the plan mixes by modality {list(MODALITIES)}")
+        raise ValueError(f"mix: unknown modalities {unknown}, expected some of {list(MODALITIES)} (sources are "
+                         "weighted by source_weights)")
     return np.array([float(mix.get(m, 0.0)) for m in MODALITIES])
+
+
+def stream_weights(sizes: np.ndarray, mix: np.ndarray | None, sources: np.ndarray | None) -> np.ndarray | None:
+    """Weight of each (source, modality) stream: the source's weight times the modality mix within it.
+
+    `sizes` are the streams' sizes (what remains of them, for sampling once per epoch): they split a source
+    among its modalities when there is no mix, and say which modalities a source has. With one source the
+    weights are the mix itself (None: natural proportions).
+    """
+    if sources is None:
+        return mix
+    sizes = np.asarray(sizes, dtype=np.float64).reshape(len(sources), -1)
+    within = sizes if mix is None else np.where(sizes > 0, mix[None, :], 0.0)
+    totals = within.sum(axis=1, keepdims=True)
+    within = np.divide(within, totals, out=np.zeros_like(within), where=totals > 0)
+    return (np.asarray(sources, dtype=np.float64)[:, None] * within).ravel()
 
 
 def _largest_remainder(total: int, weights: np.ndarray) -> np.ndarray:
@@ -102,6 +119,16 @@ def _largest_remainder(total: int, weights: np.ndarray) -> np.ndarray:
     short = total - int(out.sum())
     out[np.argsort(-(exact - out), kind="stable")[:short]] += 1
     return out
+
+
+def weighted_take(left: int, weights: np.ndarray, sizes: np.ndarray, size: int) -> np.ndarray:
+    """Samples of each stream the next window takes when sources are sampled with replacement: `size` (at most
+    the `left` samples of the epoch) split by weight alone, a stream's positions wrapping around its size."""
+    budget = min(int(size), int(left))
+    w = np.where(np.asarray(sizes) > 0, np.asarray(weights, dtype=np.float64), 0.0)
+    if budget <= 0 or w.sum() <= 0:
+        return np.zeros(len(w), dtype=np.int64)
+    return _largest_remainder(budget, w)
 
 
 def window_take(remaining: np.ndarray, weights: np.ndarray | None, size: int) -> np.ndarray:

@@ -29,6 +29,8 @@ class SampleRef:
     """uint64 keyed seed choosing which tokens are kept (token dropping)."""
     augment_seed: int
     """Keyed seed of decode-time randomness (TSN segment choice, SpecAugment)."""
+    source: str = ""
+    """Name of the `data.sources` entry it comes from ('' for a single dataset)."""
 
 
 @dataclass

@@ -121,10 +121,12 @@ def test_http_shards_index_like_the_files(server, demo_dir: Path, tmp_path: Path
 
 
 def test_remote_specs_need_an_index_and_a_known_store(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="^index: required for remote shards"):
+    with pytest.raises(ValueError, match="^shards: remote shards .* need an index folder"):
         DataConfig(shards="https://example.org/shard-{0..3}.tar")
-    with pytest.raises(ValueError, match=f"^index: no {INDEX_NAME}"):
+    with pytest.raises(ValueError, match=f"^shards: no {INDEX_NAME} in index folder"):
         DataConfig(shards="https://example.org/shard-0.tar", index=str(tmp_path))
+    with pytest.raises(ValueError, match="^shards: cannot open nosuchstore://bucket/a.tar"):
+        DataConfig(shards="nosuchstore://bucket/a.tar", index=str(tmp_path))
     with pytest.raises(ValueError, match="^shards: cannot open nosuchstore://bucket/a.tar"):
         check_shards(["nosuchstore://bucket/a.tar"])
 

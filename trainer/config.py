@@ -179,6 +179,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         check_positive(self, "steps")
         validate_model(self)
+        self.curriculum.check_sources([source.name for source in self.data.sources])
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

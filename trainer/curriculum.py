@@ -9,8 +9,8 @@ YAML shape (the `curriculum:` section of a run config, or a file under configs/c
 
 A phase lists only what changes; other values carry over from the previous phase, and a value no
 phase has set yet is the run config's (`base_values`: `loss.weights`, `loss.hard_negatives.hard_fraction`,
-`data.sizing.resolution`, `data.token_drop.rate`, `data.plan.mix`). Weight dicts (`loss_weights`,
-`lr_multipliers`) update only the keys a phase names; probability tables (`resolution`, `mix`) and
+`data.sizing.resolution`, `data.token_drop.rate`, `data.plan.mix`, `data.sources[].weight`). Weight dicts
+(`loss_weights`, `lr_multipliers`, `source_weights`) update only the keys a phase names; probability tables (`resolution`, `mix`) and
 lists replace the whole value. With `transition: linear` or `sigmoid`, numbers and dicts of numbers
 move from the previous phase's values to this phase's over `ramp` steps starting at `start`; lists
 switch at `start`. Values are a pure function of (config, step), so a resumed run sees exactly what
@@ -58,6 +58,8 @@ class CurriculumValues:
     """Module name prefixes frozen in this phase (e.g. encoder, resampler, llm)."""
     lr_multipliers: dict[str, float]
     """Parameter group → multiplier on the base learning rate; a missing group has multiplier 1."""
+    source_weights: dict[str, float] = field(default_factory=dict)
+    """Source name → relative weight in each window (`data.sources`); takes effect from the next window."""
 
 
 def base_values(cfg: RunConfig) -> CurriculumValues:
@@ -67,7 +69,8 @@ def base_values(cfg: RunConfig) -> CurriculumValues:
     """
     return CurriculumValues(resolution=dict(cfg.data.sizing.resolution), token_drop_rate=cfg.data.token_drop.rate,
                             mix=dict(cfg.data.plan.mix), hard_negative_ratio=cfg.loss.hard_negatives.hard_fraction,
-                            loss_weights=dict(cfg.loss.weights), frozen=[], lr_multipliers={})
+                            loss_weights=dict(cfg.loss.weights), frozen=[], lr_multipliers={},
+                            source_weights={source.name: source.weight for source in cfg.data.sources})
 
 
 _KINDS: dict[str, str] = {
@@ -78,10 +81,11 @@ _KINDS: dict[str, str] = {
     "loss_weights": "weights",
     "frozen": "names",
     "lr_multipliers": "weights",
+    "source_weights": "weights",
 }
 """How each value is validated and interpolated: numbers and dicts ramp, names switch."""
 
-_MISSING_KEY = {"resolution": 0.0, "mix": 0.0, "loss_weights": 0.0, "lr_multipliers": 1.0}
+_MISSING_KEY = {"resolution": 0.0, "mix": 0.0, "loss_weights": 0.0, "lr_multipliers": 1.0, "source_weights": 0.0}
 """What a dict key absent on one side of a ramp counts as (a weight dict key first set by that phase)."""
 
 _RANGES = {"token_drop_rate": (0.0, 0.99), "hard_negative_ratio": (0.0, 1.0)}
@@ -188,6 +192,17 @@ class CurriculumConfig:
                 raise ValueError(f"phases[{i - 1}].ramp: {phases[i - 1].ramp} steps run past "
                                  f"phases[{i}].start={phases[i].start}")
 
+    def check_sources(self, names: list[str]) -> None:
+        """Raise ValueError naming the phase whose `source_weights` names something other than `names`."""
+        for i, phase in enumerate(self.phases):
+            weights = phase.values.get("source_weights", {})
+            unknown = sorted(set(weights) - set(names))
+            if unknown:
+                raise ValueError(f"curriculum.phases[{i}].values.source_weights: {unknown} are not data.sources "
+                                 f"(those are {names})")
+            if weights and not any(weights.values()) and set(weights) == set(names):
+                raise ValueError(f"curriculum.phases[{i}].values.source_weights: every source has weight 0")
+
     def fingerprint(self) -> str:
         """Stable hash of the normalised phases (with equal base values, equal values at every step)."""
         return _digest([asdict(p) for p in self.phases])
@@ -230,7 +245,10 @@ class Curriculum:
 
     def __init__(self, cfg: CurriculumConfig, base: CurriculumValues) -> None:
         self.cfg = cfg
-        self.fingerprint = _digest({"phases": cfg.fingerprint(), "base": asdict(base)})
+        base_dict = asdict(base)
+        if not base_dict["source_weights"]:  # runs without sources keep the fingerprints they always had
+            del base_dict["source_weights"]
+        self.fingerprint = _digest({"phases": cfg.fingerprint(), "base": base_dict})
         self.step = 0
         self._starts = [phase.start for phase in cfg.phases]
         self._targets: list[dict[str, object]] = []

@@ -1,7 +1,8 @@
 """`plait data walk CONFIG --world-size W (--steps N | --epochs E)`: what a run would feed each rank, without training.
 
 Prints one JSON line per (micro-batch, rank) — {"epoch", "step", "micro", "rank", "keys", "tokens", "padding",
-"skipped", "mix", "resolution", "token_drop_rate"} with the optimizer step and the sizing values in force — then a
+"skipped", "mix", "sources" (with data.sources), "resolution", "token_drop_rate"} with the optimizer step and the
+sizing values in force — then a
 summary as the final line. `--state-out` saves the plan state after the walk and
 `--state-in` resumes from one (at any world size), exactly as a training run resumes its loader.
 """
@@ -16,10 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from plait.data.batch import MODALITIES
-from plait.data.dataset_index import DatasetIndex
 from plait.data.plan import RankStep, SamplePlan
 from plait.data.plan_types import MicroBatchPlan
-from plait.data.source import open_dataset
+from plait.data.source import Dataset, open_dataset
 from plait.trainer.config import RunConfig, load_config
 from plait.trainer.console import emit_result
 from plait.trainer.planned_batches import resolve_tokenizer, run_plan
@@ -33,7 +33,7 @@ def step_record(step: RankStep, skipped: dict[str, int]) -> dict:
     plan = step.plan
     return {"epoch": plan.epoch, "step": plan.step, "micro": plan.micro, "rank": plan.rank,
             "keys": [s.key for s in plan.samples], "tokens": plan.tokens, "padding": step.padding, "skipped": skipped,
-            "mix": step.mix, **step.values}
+            "mix": step.mix, **({"sources": step.sources} if step.sources else {}), **step.values}
 
 
 def walk(plan: SamplePlan, steps: int | None = None, epochs: int | None = None,
@@ -61,7 +61,7 @@ def walk(plan: SamplePlan, steps: int | None = None, epochs: int | None = None,
             "state_bytes": plan.state.nbytes()}
 
 
-def make_decoder(cfg: RunConfig, index: DatasetIndex) -> Decoder:
+def make_decoder(cfg: RunConfig, index: Dataset) -> Decoder:
     """`--decode`: really read, decode and pack each planned micro-batch; returns its skipped samples by reason."""
     from plait.data.loader import decode_plans
 

@@ -18,12 +18,11 @@ import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
 from plait.data.batch import PackedBatch
-from plait.data.dataset_index import DatasetIndex
 from plait.data.loader import PlanDataset, PlanLoader, Plans
 from plait.data.plan import AgreeMax, PlanConfig, SamplePlan, ValuesAt
 from plait.data.plan_types import MicroBatchPlan
 from plait.data.reader import check_shards
-from plait.data.source import build_plan, dataset_captions, open_dataset
+from plait.data.source import Dataset, build_plan, dataset_captions, open_dataset
 from plait.data.tokenizer import load_tokenizer, train_tokenizer
 from plait.trainer.config import RunConfig
 from plait.trainer.curriculum import Curriculum
@@ -49,7 +48,7 @@ SIZING_VALUES = ("resolution", "token_drop_rate")
 """Curriculum values the plan re-sizes for at the step they change (the mix applies from the next window)."""
 
 
-def run_plan(cfg: RunConfig, index: DatasetIndex, world_size: int, ranks: list[int] | None = None,
+def run_plan(cfg: RunConfig, index: Dataset, world_size: int, ranks: list[int] | None = None,
              plan_cfg: PlanConfig | None = None, agree: AgreeMax | None = None) -> SamplePlan:
     """The sample plan of a run for `ranks` (default all) of `world_size` ranks, following its curriculum."""
     curriculum = Curriculum.from_run(cfg)
@@ -61,7 +60,8 @@ def run_plan(cfg: RunConfig, index: DatasetIndex, world_size: int, ranks: list[i
     # The phases alone identify the schedule to the plan: it fingerprints the data sections (the base values) itself.
     return build_plan(cfg.data, index, cfg.seed, curriculum_values(curriculum), cfg.curriculum.fingerprint(),
                       world_size, ranks=ranks, plan_cfg=plan_cfg, agree=agree,
-                      accumulation=cfg.deepspeed.gradient_accumulation_steps, next_change=next_change)
+                      accumulation=cfg.deepspeed.gradient_accumulation_steps, next_change=next_change,
+                      source_weights_at=lambda step: curriculum.resolve(step).source_weights)
 
 
 def plan_micro_batch(plan: SamplePlan, index: int) -> tuple[MicroBatchPlan, dict[str, Any]]:
@@ -86,7 +86,7 @@ def agreement(world_size: int) -> AgreeMax | None:
     return agree
 
 
-def prepare_data(cfg: RunConfig) -> DatasetIndex:
+def prepare_data(cfg: RunConfig) -> Dataset:
     """The run's dataset, built and indexed by rank 0 when it is the demo data; every rank waits for it."""
     if dist.is_initialized() and dist.get_rank() != 0:
         dist.barrier()
@@ -97,7 +97,7 @@ def prepare_data(cfg: RunConfig) -> DatasetIndex:
     return index
 
 
-def resolve_tokenizer(cfg: RunConfig, index: DatasetIndex) -> PreTrainedTokenizerBase:
+def resolve_tokenizer(cfg: RunConfig, index: Dataset) -> PreTrainedTokenizerBase:
     """The run's tokenizer (`tokenizer_source`); a BPE trained on the captions into the run dir when it has none."""
     source = Path(tokenizer_source(cfg))
     rank = dist.get_rank() if dist.is_initialized() else 0

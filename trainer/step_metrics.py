@@ -108,7 +108,7 @@ class MetricWindow:
             metrics[key] = sum(p["sums"].get(key, 0.0) for p in parts) / sum(p["seen"].get(key, 0) for p in parts)
         counts = {k: sum(p["counts"].get(k, 0.0) for p in parts) for k in {k for p in parts for k in p["counts"]}}
         for key, value in counts.items():
-            if key.startswith("skipped/") or key.startswith("count/"):
+            if key.startswith(("skipped/", "count/", "source/")):
                 metrics[key] = value
         metrics.update(_throughput(counts, elapsed, world, peak_flops))
         experts = [p["experts"] for p in parts if p["experts"] is not None]

@@ -283,7 +283,7 @@ class Trainer:
         counts["count/capacity_dropped"] = counts.get("count/capacity_dropped", 0.0) + model_counters.get(
             "dropped_assignments", 0)
         for key, value in batch.counters.items():
-            if key.startswith("skipped"):
+            if key.startswith("skipped") or key.startswith("source/"):
                 name = key if "/" in key else f"skipped/{key.removeprefix('skipped').strip('_') or 'samples'}"
                 counts[name] = counts.get(name, 0.0) + value
         if self.peak_flops is not None:
