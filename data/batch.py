@@ -39,7 +39,8 @@ class PackedStream:
     """One encoder stream (`vision` = images and video, `audio`) packed without inner padding."""
 
     patches: torch.Tensor
-    """[T, C] flattened patch values; rows past the last segment are tail padding."""
+    """[T, C] flattened patch values: uint8 pixels as the loader packs images and video (the encoder makes them
+    float32 in [0, 1] on the device) or float values; rows past the last segment are tail padding."""
     coords: torch.Tensor
     """[T, 3] int64 (t, h, w) grid position of each patch."""
     seg: torch.Tensor

@@ -180,7 +180,7 @@ class PlanDataset(Dataset):
                     raise DecodeError("empty", "no caption")
                 kind, data = media_member(fetched.sample, ref.modality)
                 seed = ref.augment_seed if self.augment else None
-                patches, coords = self.decoder.encoded(ref.modality, kind, data, ref.grid, seed)
+                patches, coords = self.decoder.encoded(ref.modality, kind, data, ref.grid, seed, ref.native)
             except (DecodeError, ValueError) as err:
                 reason = err.reason if isinstance(err, DecodeError) else "undecodable"
                 skips.append(Skip(position, ref.shard, ref.key, reason, str(err)))

@@ -210,6 +210,14 @@ def plan_rank(source: ShardSource, layout: EpochLayout, positions: list[np.ndarr
                     too_long=np.concatenate([vision_long, audio_long]))
 
 
+def _native(rows: dict[str, np.ndarray], i: int) -> tuple[int, float] | None:
+    """A video row's indexed (frame count, fps); None for other media or when the index lacks them."""
+    frames, fps = float(rows["frames"][i]), float(rows["fps"][i])
+    if MODALITIES[int(rows["modality"][i])] != "video" or not (frames >= 1 and fps > 0):
+        return None
+    return int(frames), fps
+
+
 def add_seeds(plan: RankPlan, seed: int, epoch: int) -> None:
     """Fill the keyed per-sample seeds the loader needs (token choice for dropping, decode augmentation)."""
     for purpose in ("drop", "augment"):
@@ -508,7 +516,7 @@ class SamplePlan:
         batch = plan.batches[slot] if slot < len(plan.batches) else np.zeros(0, dtype=np.int64)
         rows, grids = plan.rows, plan.grids
         samples = [SampleRef(shard=self.source.shard_url(int(rows["shard"][i])), key=str(rows["key"][i]),
-                             source=self._source_name(int(rows["stream"][i])),
+                             source=self._source_name(int(rows["stream"][i])), native=_native(rows, int(i)),
                              modality=MODALITIES[int(rows["modality"][i])], group=str(rows["group"][i]),
                              sample_offset=int(rows["sample_offset"][i]), sample_size=int(rows["sample_size"][i]),
                              grid=grids[int(i)], drop_seed=int(plan.seeds["drop"][i]),

@@ -31,6 +31,8 @@ class SampleRef:
     """Keyed seed of decode-time randomness (TSN segment choice, SpecAugment)."""
     source: str = ""
     """Name of the `data.sources` entry it comes from ('' for a single dataset)."""
+    native: tuple[int, float] | None = None
+    """A video's (frame count, fps) as the index recorded them, so the loader need not probe the clip again."""
 
 
 @dataclass

@@ -44,13 +44,9 @@ def log_mel_config(sizing: SizingConfig) -> LogMelConfig:
     return replace(base, hop_length=round(base.sample_rate * sizing.hop_ms / 1000.0))
 
 
-def to_unit_float(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 → float32 in [0, 1] in one pass (patchifying the uint8 pixels first moves 4x fewer bytes)."""
-    return torch.div(pixels, 255.0)
-
-
 class SampleDecoder:
-    """One sample's media → (patches, coords) on a given grid; raises DecodeError for unusable media."""
+    """One sample's media → (patches, coords) on a given grid (uint8 pixels for images and video, float log-mel
+    for audio; packing turns pixels into float32 in [0, 1]); raises DecodeError for unusable media."""
 
     def __init__(self, sizing: SizingConfig, spec: SpecAugmentConfig | None = None) -> None:
         self.sizing = sizing
@@ -58,18 +54,19 @@ class SampleDecoder:
         """SpecAugment masks for audio (training), or None."""
         self.mel = log_mel_config(sizing)
 
-    def encoded(self, modality: str, ext: str, data: bytes, grid: SampleGrid,
-                augment_seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encoded(self, modality: str, ext: str, data: bytes, grid: SampleGrid, augment_seed: int | None,
+                native: tuple[int, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode encoded bytes straight to the grid's size, then patchify.
 
         `augment_seed` keys the clip's frame offset and SpecAugment; None takes the centred frames, unmasked.
+        `native` is a video's (frame count, fps) when the index already has them (else the header is probed).
         """
         p = self.sizing.patch_size
         if modality == "image":
             return self._image(decode_image(data, grid.h * p, grid.w * p), grid)
         if modality == "video":
-            info = _probe(ext, data)
-            indices = self._frame_indices(int(info["frames"]), float(info["fps"]), grid, augment_seed)
+            frames, fps = native or _native(ext, data)
+            indices = self.frame_indices(frames, fps, grid, augment_seed)
             return self._video(decode_video(data, indices, grid.h * p, grid.w * p), grid)
         return self._audio(decode_audio(data, self.mel, grid.start_s, grid.span_s), grid, augment_seed)
 
@@ -82,7 +79,7 @@ class SampleDecoder:
             return self._image(resize_uint8(pixels, grid.h * p, grid.w * p), grid)
         array, rate = item
         if modality == "video":
-            indices = self._frame_indices(len(array), float(rate), grid, augment_seed)
+            indices = self.frame_indices(len(array), float(rate), grid, augment_seed)
             frames = torch.from_numpy(np.ascontiguousarray(array[indices])).permute(0, 3, 1, 2)
             return self._video(resize_uint8(frames, grid.h * p, grid.w * p), grid)
         start = int(round(grid.start_s * rate))
@@ -91,7 +88,7 @@ class SampleDecoder:
                         zero_crossings=self.mel.resample_zero_crossings, rolloff=self.mel.resample_rolloff)
         return self._audio(log_mel(wave, self.mel), grid, augment_seed)
 
-    def _frame_indices(self, frames: int, fps: float, grid: SampleGrid, augment_seed: int | None) -> np.ndarray:
+    def frame_indices(self, frames: int, fps: float, grid: SampleGrid, augment_seed: int | None) -> np.ndarray:
         """The grid's frames from its time window by the sizing's `video_sampling`, keyed by the sample's
         augment seed (None: the centred choice)."""
         rng = keyed_rng(augment_seed) if augment_seed is not None else None
@@ -101,13 +98,10 @@ class SampleDecoder:
                                     sample_fps=self.sizing.video_sample_fps, jitter=self.sizing.video_jitter)
 
     def _image(self, pixels: torch.Tensor, grid: SampleGrid) -> tuple[torch.Tensor, torch.Tensor]:
-        patches, coords = patchify_image(pixels, grid.h, grid.w, self.sizing.patch_size, self.sizing.temporal_patch)
-        return to_unit_float(patches), coords
+        return patchify_image(pixels, grid.h, grid.w, self.sizing.patch_size, self.sizing.temporal_patch)
 
     def _video(self, frames: torch.Tensor, grid: SampleGrid) -> tuple[torch.Tensor, torch.Tensor]:
-        patches, coords = patchify_video(frames, grid.t, grid.h, grid.w, self.sizing.patch_size,
-                                         self.sizing.temporal_patch)
-        return to_unit_float(patches), coords
+        return patchify_video(frames, grid.t, grid.h, grid.w, self.sizing.patch_size, self.sizing.temporal_patch)
 
     def _audio(self, mel: torch.Tensor, grid: SampleGrid,
                augment_seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,6 +116,12 @@ def _probe(ext: str, data: bytes) -> dict:
         return probe(ext, data)
     except ValueError as err:
         raise DecodeError("undecodable", str(err)) from None
+
+
+def _native(ext: str, data: bytes) -> tuple[int, float]:
+    """A clip's (frame count, fps) from its header."""
+    info = _probe(ext, data)
+    return int(info["frames"]), float(info["fps"])
 
 
 @dataclass(kw_only=True)

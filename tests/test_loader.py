@@ -26,6 +26,7 @@ from plait.data.rng import keyed_rng
 from plait.data.sizing import SizingConfig
 from plait.data.tokenizer import encode_captions, train_tokenizer
 from plait.trainer.bench import loader as bench
+from plait.trainer.model.encoder import unit_float
 from plait.trainer.bench.loader import manifest_plans, manifest_rows
 
 from conftest import unpack_stream
@@ -82,6 +83,12 @@ def reference_sample(ref: SampleRef, tokenizer) -> PatchedSample:
                          group=group_id(ref.group), num_kept=grid.num_kept, drop_seed=ref.drop_seed)
 
 
+def as_model_input(batch):
+    """The batch with its patches as the encoder reads them (uint8 pixels as float32 in [0, 1])."""
+    streams = {name: replace(s, patches=unit_float(s.patches)) for name, s in batch.streams.items()}
+    return replace(batch, streams=streams)
+
+
 def assert_batches_equal(a, b, atol: float = 0.0) -> None:
     assert a.sample_key == b.sample_key
     assert a.counters == b.counters
@@ -103,10 +110,11 @@ def test_batches_match_a_float64_reference(plans, tokenizer):
         batch = data[step].batch
         reference = pack_samples([reference_sample(ref, tokenizer) for ref in plan.samples], PACKING)
         reference.counters.update(planned=len(plan.samples), skipped=0, **{f"skipped_{r}": 0 for r in SKIP_REASONS})
-        assert_batches_equal(batch, reference, atol=1e-6)
+        assert batch.streams["vision"].patches.dtype == torch.uint8  # pixels cross the worker boundary as bytes
+        assert_batches_equal(as_model_input(batch), reference, atol=1e-6)
         assert batch.counters["dropped"] > 0  # token dropping really happened
         modalities.update(ref.modality for ref in plan.samples)
-        for stream in batch.streams.values():
+        for stream in as_model_input(batch).streams.values():
             assert stream.patches.dtype == torch.float32
     assert modalities == {"image", "audio", "video"}
 
@@ -243,8 +251,10 @@ def test_bench_reports_every_figure(tmp_path):
     args = parser.parse_args([str(tmp_path / "bench"), "--synthesize", "8", "--workers", "0",
                               "--samples-per-step", "4", "--rounds", "1"])
     result = bench.run(args)
-    assert result["samples"] == 8
-    for key in ("decode_ceiling_samples_per_s", "plain_decode_samples_per_s", "webdataset_samples_per_s_per_worker",
-                "ours_samples_per_s_per_worker", "ours_tokens_per_s_per_worker", "ours_over_decode_ceiling",
-                "ours_over_webdataset"):
+    counts = [result[f"{m}_samples"] for m in ("image", "video", "audio")]
+    assert result["samples"] == sum(counts) == 16 and counts[0] > 8 and min(counts) > 0  # 8 JPEGs + 8 demo samples
+    for key in ("plain_decode_samples_per_s", "webdataset_samples_per_s_per_worker", "image_ours_over_webdataset",
+                "ours_over_decode_ceiling", *(f"{m}_{figure}" for m in ("image", "video", "audio") for figure in
+                                              ("decode_ceiling_samples_per_s", "ours_samples_per_s_per_worker",
+                                               "ours_tokens_per_s_per_worker", "ours_over_decode_ceiling"))):
         assert result[key] > 0, key

@@ -140,7 +140,14 @@ def _real_part(stream: PackedStream | None, patch_dim: int, like: torch.Tensor) 
             kept=torch.zeros(0, dtype=torch.long),
         )
     n = stream.num_tokens
-    return replace(stream, patches=stream.patches[:n], coords=stream.coords[:n], seg=stream.seg[:n], num_padding=0)
+    return replace(stream, patches=unit_float(stream.patches[:n]), coords=stream.coords[:n], seg=stream.seg[:n],
+                   num_padding=0)
+
+
+def unit_float(patches: torch.Tensor) -> torch.Tensor:
+    """Patch values as the model takes them: uint8 pixels (how the loader ships images and video, a quarter of the
+    bytes) become float32 in [0, 1] where they are (on the device); float values pass through."""
+    return patches.to(torch.float32).div_(255.0) if patches.dtype == torch.uint8 else patches
 
 
 class Encoder(nn.Module):
