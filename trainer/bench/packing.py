@@ -3,7 +3,9 @@
 Synthesises metadata (images with sides 64-512 px and aspect 0.5-2, video clips of 8-32 frames,
 audio of 1-30 s), plans it exactly as the data plane does (keyed uniforms → sizing → token
 dropping → first-fit decreasing per encoder stream), and compares the padding with batches of the
-same samples padded to their longest member.
+same samples padded to their longest member. The cross-rank balance runs the training plan itself
+(`run_plan` for `--ranks` ranks on a synthetic index) and reports the slowest rank's attention cost per
+step over the mean.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frame-segments", action="store_true", help="video frame groups as separate segments")
     parser.add_argument("--build-sequences", type=int, default=4, help="vision sequences built from tensors for timing")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic mix and of the plan")
+    parser.add_argument("--ranks", type=int, default=8, help="data-parallel ranks of the cross-rank balance figure")
+    parser.add_argument("--balance-steps", type=int, default=60, help="training-plan steps the balance is taken over")
 
 
 def _parse_probs(text: str) -> dict[str, float]:
@@ -111,6 +115,26 @@ def build_ms_per_sequence(grids: SampleGrids, members: np.ndarray, packing: BinP
     return (time.perf_counter() - start) * 1e3 / max(len(batches), 1)
 
 
+def rank_balance(args: argparse.Namespace) -> dict[str, float]:
+    """How evenly the training plan spreads attention cost (sum of squared segment lengths) over `--ranks` ranks:
+    the slowest rank's cost per step over the mean (1.0 = no rank waits at the gradient all-reduce), summed over
+    `--balance-steps` steps of `run_plan` on a synthetic index with this bench's resolution mix."""
+    from plait.trainer.bench.plan import SyntheticIndex
+    from plait.trainer.config import RunConfig
+    from plait.trainer.config_loader import build
+    from plait.trainer.planned_batches import run_plan
+
+    resolution = {int(side): p for side, p in _parse_probs(args.resolution).items()}
+    cfg = build(RunConfig, {"seed": args.seed, "data": {
+        "packing": {"max_tokens": args.max_tokens, "max_samples_per_sequence": args.max_samples_per_sequence},
+        "sizing": {"patch_size": args.patch_size, "max_sample_tokens": args.max_tokens, "resolution": resolution},
+        "token_drop": {"rate": args.drop_rate}}}, "<bench packing>")
+    plan = run_plan(cfg, SyntheticIndex(args.num_samples, max(args.num_samples // 1000, 1), args.seed), args.ranks)
+    costs = np.array([[step.plan.cost for step in plan.next_step()] for _ in range(args.balance_steps)])
+    return {"ranks": args.ranks, "slowest_rank_cost_over_mean": costs.max(1).sum() / max(costs.mean(1).sum(), 1e-9),
+            "worst_step_slowest_over_mean": float((costs.max(1) / np.maximum(costs.mean(1), 1e-9)).max())}
+
+
 def run(args: argparse.Namespace) -> dict:
     """Plan the synthetic mix and report padding, samples per sequence and planning cost."""
     columns = synthetic_metadata(args.num_samples, _parse_probs(args.mix), args.seed)
@@ -142,4 +166,5 @@ def run(args: argparse.Namespace) -> dict:
     result["plan_us_per_sample"] = plan_us
     result["padded_batch_padding_fraction"] = 1.0 - tokens / padded_capacity
     result["useful_tokens_ratio_vs_padded_batch"] = padded_capacity / capacity  # same tokens, less padding
+    result.update(rank_balance(args))
     return {k: (round(float(v), 6) if isinstance(v, (float, np.floating)) else int(v)) for k, v in result.items()}
