@@ -41,8 +41,9 @@ def _index_one(job: tuple[str, str, str]) -> dict:
 def index_dataset(spec: str, out: str | Path | None = None, workers: int = 0) -> dict:
     """Index every shard of `spec`; returns {"samples", "shards", "bad", "bad_shards", "index"}."""
     urls = expand_urls(spec)
-    if not urls:
-        raise FileNotFoundError(f"no shards match {spec!r}")
+    missing = [u for u in urls if not is_remote(u) and not os.path.isfile(u)]
+    if not urls or missing:
+        raise FileNotFoundError(f"no shards match {spec!r}" if not urls else f"no such shard {missing[0]!r}")
     out_dir = Path(out) if out else _default_out(urls)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [_shard_name(u, out_dir) for u in urls]

@@ -14,8 +14,10 @@ tensors are on CUDA (`backend="auto"`), the torch code here otherwise.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Literal
 
 import torch
@@ -42,10 +44,13 @@ class ExpertDispatch:
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float | None) -> int | None:
-    """Assignments one expert may take: `ceil(factor * tokens * k / E)`, or None (dropless) without a factor."""
+    """Assignments one expert may take: `ceil(factor * tokens * k / E)`, or None (dropless) without a factor.
+
+    The factor is taken as the decimal it is written as (1.2 is 6/5), so no binary rounding moves the ceiling.
+    """
     if capacity_factor is None:
         return None
-    return -(-int(capacity_factor * num_tokens * top_k) // num_experts)
+    return math.ceil(Fraction(str(capacity_factor)) * num_tokens * top_k / num_experts)
 
 
 def dispatch(

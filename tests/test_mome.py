@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -215,3 +217,12 @@ def test_gpt2_conv1d_mlp_upcycles_transposed_and_keeps_its_dropout():
     assert isinstance(layer.dropout, torch.nn.Dropout) and layer.dropout.p == 0.25
     x, modality = _tokens(9, 9)
     torch.testing.assert_close(layer(x, modality), mlp(x), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize(("tokens", "top_k", "experts", "factor"),
+                         [(10, 1, 4, 1.25), (8, 1, 4, 1.25), (10, 1, 4, 1.2), (7, 2, 3, 1.0), (3, 2, 8, 0.5)])
+def test_capacity_is_the_documented_ceiling(tokens, top_k, experts, factor):
+    # Reference in integers: factor = p/q as written, capacity = the smallest c with c * E * q >= p * tokens * k.
+    p, q = Fraction(str(factor)).as_integer_ratio()
+    expected = next(c for c in range(tokens * top_k + 1) if c * experts * q >= p * tokens * top_k)
+    assert expert_capacity(tokens, top_k, experts, factor) == expected

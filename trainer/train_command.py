@@ -28,12 +28,23 @@ EXIT_PREEMPTED = 75
 """Exit code of a run stopped by SIGTERM/SIGUSR1 after its checkpoint: launch/slurm.sbatch requeues on it."""
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (argparse then names the flag and exits 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags shared by `plait train` and `launch/train.py`."""
     parser.add_argument("config", help="run config (YAML)")
     parser.add_argument("--run-dir", default=None, help="checkpoints, MLflow store and logs (default: config's)")
-    parser.add_argument("--steps", type=int, default=None, help="override the run length in optimizer steps")
-    parser.add_argument("--nproc", type=int, default=1, help="local ranks (>1 runs the DeepSpeed launcher)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="override the run length in optimizer steps")
+    parser.add_argument("--nproc", type=positive_int, default=1, help="local ranks (>1 runs the DeepSpeed launcher)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
 
 
