@@ -6,6 +6,7 @@ import dataclasses
 import typing
 
 import pytest
+import yaml
 
 from plait.trainer.config import RunConfig, load_config
 from plait.trainer.config_loader import ConfigError, field_docs
@@ -75,3 +76,19 @@ def test_patch_geometry_lives_in_data_sizing_only() -> None:
     with pytest.raises(ConfigError) as err:
         load_config(None, ["model.encoder.vision_patch_size=8"])
     assert err.value.field == "model.encoder.vision_patch_size"
+
+
+def test_overrides_merge_into_dict_fields_and_reach_list_items(tmp_path) -> None:
+    defaults = load_config(None).model.llm.model_kwargs
+    merged = load_config(None, ["model.llm.model_kwargs.num_hidden_layers=4"]).model.llm.model_kwargs
+    assert merged == {**defaults, "num_hidden_layers": 4} and len(defaults) > 2  # one key changed, none lost
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"curriculum": {"phases": [
+        {"start": 0, "values": {"resolution": {224: 1.0}}},
+        {"start": 1000, "values": {"token_drop_rate": 0.25}}]}}))
+    phases = load_config(config, ["curriculum.phases[1].start=500",
+                                  "curriculum.phases[1].values.hard_negative_ratio=0.5"]).curriculum.phases
+    assert [p.start for p in phases] == [0, 500]
+    assert phases[1].values == {"token_drop_rate": 0.25, "hard_negative_ratio": 0.5}
+    with pytest.raises(ConfigError, match=r"curriculum.phases\[2\]: no item 2 \(the list has 2\)"):
+        load_config(config, ["curriculum.phases[2].start=5"])

@@ -186,7 +186,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     """Load and validate a run config (defaults when `path` is None), applying `--set` overrides."""
     source = str(path) if path is not None else "<defaults>"
     data = read_yaml(path) if path is not None else {}
-    data = apply_overrides(data, overrides)
+    data = apply_overrides(data, overrides, RunConfig)
     return build(RunConfig, data, source)
 
 

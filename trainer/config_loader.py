@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -133,26 +134,86 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` → (["a", "b", "c"], value parsed as YAML)."""
+_PART = re.compile(r"([^.\[\]]+)((?:\[\d+\])*)")
+"""One dotted step of an override key: a name with optional list indexes (`phases[1]`)."""
+
+
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    """`a.b[1].c=value` → (["a", "b", 1, "c"], value parsed as YAML)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError("--set", text, "expected KEY=VALUE, e.g. optim.lr=3e-4")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    path: list[str | int] = []
+    for part in key.strip().split("."):
+        match = _PART.fullmatch(part)
+        if match is None:
+            raise ConfigError("--set", key, f"cannot read {part!r} (expected name or name[index])")
+        path.append(match[1])
+        path.extend(int(i) for i in re.findall(r"\d+", match[2]))
+    return path, yaml.safe_load(raw) if raw.strip() else ""
 
 
-def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
-    """Set dotted keys in the raw YAML mapping (validation happens when the dataclasses are built)."""
+def _field_default(cls: Any, name: str) -> Any:
+    """The default of dataclass field `name` as plain data, or MISSING."""
+    for f in dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ():
+        if f.name == name:
+            if f.default_factory is not dataclasses.MISSING:
+                return to_dict(f.default_factory())
+            return to_dict(f.default)
+    return dataclasses.MISSING
+
+
+def _child_type(tp: Any, part: str | int) -> Any:
+    """The declared type one step below `tp` (a dataclass field, a dict value, a list item); Any if unknown."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (Union, types.UnionType) and len(args) == 1:
+        tp = args[0]
+    if dataclasses.is_dataclass(tp) and isinstance(part, str):
+        return _hints(tp).get(part, Any)
+    if typing.get_origin(tp) in (dict, list):
+        return typing.get_args(tp)[-1]
+    return Any
+
+
+def apply_overrides(data: dict, overrides: typing.Iterable[str], cls: Any = Any) -> dict:
+    """Set dotted keys (`a.b.c`, `phases[1].start`) in the raw YAML mapping; validation happens when the dataclasses
+    are built. Under `cls`, a dict or list field the YAML leaves out starts from its default, so an override
+    changes one key of it (`model.llm.model_kwargs.num_hidden_layers=4`) instead of replacing it."""
     for text in overrides:
         path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError("--set", ".".join(path), f"'{part}' is not a section")
-            node = child
-        node[path[-1]] = value
+        node, tp, where = data, cls, ""
+        for part, below in zip(path, path[1:]):
+            where = f"{where}[{part}]" if isinstance(part, int) else _join(where, part)
+            child_tp = _child_type(tp, part)
+            container = typing.get_origin(child_tp) in (dict, list) and isinstance(part, str)
+            node = _step(node, part, _field_default(tp, part) if container else dataclasses.MISSING,
+                         isinstance(below, int), where)
+            tp = child_tp
+        last = path[-1]
+        if isinstance(last, int):
+            _check_index(node, last, f"{where}[{last}]")
+        elif not isinstance(node, dict):
+            raise ConfigError("--set", _join(where, last), f"'{where}' is not a section")
+        node[last] = value
     return data
+
+
+def _check_index(node: Any, index: int, where: str) -> None:
+    if not isinstance(node, list) or index >= len(node):
+        size = len(node) if isinstance(node, list) else 0
+        raise ConfigError("--set", where, f"no item {index} (the list has {size})")
+
+
+def _step(node: Any, part: str | int, default: Any, wants_list: bool, where: str) -> Any:
+    """The child at `part`, created from the field's default (or empty) when the YAML leaves it out."""
+    if isinstance(part, int):
+        _check_index(node, part, where)
+        return node[part]
+    if not isinstance(node, dict):
+        raise ConfigError("--set", where, f"'{where.rpartition('.')[0]}' is not a section")
+    if part not in node:
+        node[part] = default if isinstance(default, (dict, list)) else ([] if wants_list else {})
+    return node[part]
 
 
 def read_yaml(path: str | Path) -> dict:
