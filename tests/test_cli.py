@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+
+import yaml
 
 from conftest import run_plait
 
@@ -28,3 +31,19 @@ def test_bad_counts_and_missing_shards_stop_with_exit_2_and_write_nothing(tmp_pa
     proc = run_plait("shards", "index", str(tmp_path / "nonexistent"), check=False)
     assert proc.returncode == 2 and "no such shard" in proc.stderr and str(tmp_path / "nonexistent") in proc.stderr
     assert list(tmp_path.iterdir()) == []  # no index or manifest beside the missing path
+
+
+def test_train_without_a_terminal_prints_a_line_per_logged_window(demo_dir, tmp_path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_dir": str(tmp_path / "run"), "tracking": {"log_every": 2}, "eval": {"every": 0},
+        "data": {"shards": str(demo_dir), "workers": 0, "packing": {"max_tokens": 512},
+                 "sizing": {"patch_size": 8, "max_side_patches": 8, "video_side_px": 32, "max_sample_tokens": 256}}}))
+    stderr = run_plait("train", str(config), "--steps", "5").stderr  # captured: not a terminal
+    lines = [line for line in stderr.splitlines() if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in lines] == ["step 2/5", "step 4/5", "step 5/5"]
+    for line in lines:
+        assert re.search(r"\| loss \d+\.\d{4} \| [\d,]+ tok/s \| [\d,.]+ samples/s \| \d+\.\d{3} s/step \| ETA "
+                         r"\d+:\d\d:\d\d \| mem \d+\.\d\d GB$", line), line
+    for row in ("precision", "fp32", "encoder tokens per step", "learning rate"):
+        assert row in stderr

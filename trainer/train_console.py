@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import datetime
+import resource
+import time
+
+import torch
 from rich import progress as rich_progress
 from rich.table import Table
 
 from plait.trainer.config import RunConfig
 from plait.trainer.console import console
 from plait.trainer.curriculum import Curriculum
+from plait.trainer.engine import uses_bf16
 from plait.trainer.model.accounting import ParameterCounts
 from plait.trainer.tracking import Tracker
 
@@ -21,12 +27,18 @@ def startup_summary(cfg: RunConfig, world: int, counts: ParameterCounts, curricu
     """What is about to run: world size, ZeRO stage, parameters, data, curriculum phase, resume point."""
     table = Table(title="plait train", show_header=False, title_justify="left")
     phase = curriculum.phase_index(step)
+    tokens_per_step = cfg.data.packing.max_tokens * world * cfg.deepspeed.gradient_accumulation_steps
     rows = [
         ("world size", str(world)),
         ("ZeRO stage", f"{cfg.deepspeed.stage} (offload: {cfg.deepspeed.offload})"),
         ("parameters", f"total {_millions(counts.total)}, trainable {_millions(counts.trainable)}, "
                        f"active/token {_millions(counts.active_per_token)}"),
-        ("data", cfg.data.shards or f"demo ({cfg.data.demo.out})"),
+        ("precision", "bf16" if uses_bf16(cfg) else "fp32"),
+        ("batch", f"{tokens_per_step:,} encoder tokens per step ({cfg.data.packing.max_tokens:,} per micro-batch, "
+                  f"{world} rank(s), accumulation {cfg.deepspeed.gradient_accumulation_steps}); samples per step "
+                  f"vary, at most {cfg.data.packing.max_samples_per_sequence} per sequence"),
+        ("learning rate", f"{cfg.optim.lr:g} peak, {cfg.optim.warmup_steps} warmup steps, {cfg.optim.schedule}"),
+        ("data", data_summary(cfg)),
         ("curriculum", f"phase {phase + 1}/{len(cfg.curriculum.phases)} "
                        f"(from step {cfg.curriculum.phases[phase].start})"),
         ("steps", f"{step} -> {cfg.steps}" + (" (resumed)" if step else "")),
@@ -36,6 +48,13 @@ def startup_summary(cfg: RunConfig, world: int, counts: ParameterCounts, curricu
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+
+
+def data_summary(cfg: RunConfig) -> str:
+    """The run's data in a few words: its shards, its named sources, or the demo data."""
+    if cfg.data.sources:
+        return ", ".join(f"{s.name} (weight {s.weight:g})" for s in cfg.data.sources)
+    return cfg.data.shards or f"demo ({cfg.data.demo.out})"
 
 
 def progress_text(metrics: dict[str, float]) -> str:
@@ -50,12 +69,33 @@ def progress_text(metrics: dict[str, float]) -> str:
     return text
 
 
+def _memory_gb() -> float:
+    """Peak memory in GB: the device's allocator peak on CUDA (no sync), else this process's peak RSS."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
+
+
+def log_line(step: int, total: int, metrics: dict[str, float], step_s: float) -> str:
+    """One plain progress line (for logs without a terminal): step, loss, throughput, MFU, step time, ETA, memory."""
+    samples = metrics.get("throughput/samples_per_s")
+    eta = datetime.timedelta(seconds=round(step_s * max(total - step, 0)))
+    return " | ".join([f"step {step}/{total}", progress_text(metrics)]
+                      + ([f"{samples:,.1f} samples/s"] if samples is not None else [])
+                      + [f"{step_s:.3f} s/step", f"ETA {eta}", f"mem {_memory_gb():.2f} GB"])
+
+
 class Progress:
-    """A progress bar whose description carries the latest loss, tokens/s and MFU; silent off rank 0."""
+    """Rank 0's progress: a live bar (latest loss, tokens/s, MFU) on a terminal; without one (SLURM, `| tee`), one
+    plain line per logged window (`tracking.log_every` steps). Silent off rank 0."""
 
     def __init__(self, total: int, start: int, enabled: bool) -> None:
         self.bar = None
-        if not enabled:
+        self.total = total
+        self.plain = enabled and not console.is_terminal
+        self._printed: dict[str, float] | None = None
+        self._since = (start, time.perf_counter())
+        if not enabled or self.plain:
             return
         self.bar = rich_progress.Progress(
             rich_progress.TextColumn("step {task.completed}/{task.total}"),
@@ -70,6 +110,14 @@ class Progress:
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
         """Move to `step` showing the last logged metrics (global mean loss, throughput): no device read per step."""
+        if self.plain:
+            if metrics and metrics is not self._printed:
+                first, since = self._since
+                now = time.perf_counter()
+                console.print(log_line(step, self.total, metrics, (now - since) / max(step - first, 1)),
+                              soft_wrap=True, highlight=False, markup=False)
+                self._printed, self._since = metrics, (step, now)
+            return
         if self.bar is None:
             return
         self.bar.update(self.task, completed=step, description=progress_text(metrics))
