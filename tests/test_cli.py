@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import yaml
+
+from plait.trainer.cli import main
 
 from conftest import run_plait
 
@@ -21,6 +24,16 @@ def test_bench_list_and_index_bench(demo_dir) -> None:
 def test_unknown_command_is_a_usage_error() -> None:
     proc = run_plait("no-such-command", check=False)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+@pytest.mark.parametrize("command, usage", [(["train", "run.yaml"], "plait train"),
+                                            (["shards", "index", "x"], "plait shards index"),
+                                            (["bench", "plan"], "plait bench plan")])
+def test_an_unknown_flag_prints_its_sub_commands_usage(command, usage, capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main([*command, "--bogus"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"usage: {usage}" in err and "unrecognized arguments: --bogus" in err
 
 
 def test_bad_counts_and_missing_shards_stop_with_exit_2_and_write_nothing(tmp_path) -> None:

@@ -166,12 +166,26 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _name_parsers(parser: argparse.ArgumentParser) -> None:
+    """Let every (sub-)command's parser put itself in the parsed args, so an unknown flag prints that command's
+    usage rather than the top-level one."""
+    parser.set_defaults(usage_parser=parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _name_parsers(child)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `plait` console script."""
     from plait.trainer.console import console, setup_logging
 
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    _name_parsers(parser)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        args.usage_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     setup_logging(args.verbose)
     try:
         args.func(args)
