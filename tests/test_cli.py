@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -60,3 +63,15 @@ def test_train_without_a_terminal_prints_a_line_per_logged_window(demo_dir, tmp_
                          r"\d+:\d\d:\d\d \| mem \d+\.\d\d GB$", line), line
     for row in ("precision", "fp32", "encoder tokens per step", "learning rate"):
         assert row in stderr
+
+
+def test_a_model_that_cannot_be_downloaded_stops_with_one_line(tmp_path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"),
+                                      "model": {"llm": {"name_or_path": "no-such-org/no-such-model"}}}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # as on a cluster node without internet, and without waiting
+    proc = subprocess.run([sys.executable, "-m", "plait.trainer", "train", str(config), "--steps", "1"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 1 and "model.llm.name_or_path: cannot load 'no-such-org/no-such-model'" in errors[0]

@@ -26,6 +26,7 @@ from plait.data.source import Dataset, build_plan, dataset_captions, open_datase
 from plait.data.tokenizer import load_tokenizer, train_tokenizer
 from plait.trainer.config import RunConfig
 from plait.trainer.curriculum import Curriculum
+from plait.trainer.model.hub import from_checkpoint
 from plait.trainer.model.pretrained import TOKENIZER_DIR, tokenizer_source
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,8 @@ def resolve_tokenizer(cfg: RunConfig, index: Dataset) -> PreTrainedTokenizerBase
         logger.info("trained a %d-token caption tokenizer into %s", vocab, source)
     if trained and dist.is_initialized():
         dist.barrier()
-    return load_tokenizer(source)
+    field = "model.llm.tokenizer" if cfg.model.llm.tokenizer else "model.llm.name_or_path"
+    return from_checkpoint(field, str(source), lambda: load_tokenizer(source))
 
 
 class PlannedBatches:

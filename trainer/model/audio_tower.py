@@ -27,6 +27,7 @@ from plait.data.sizing import SizingConfig
 from plait.ops.attention import Backend
 from plait.ops.segments import cu_to_lengths, lengths_to_cu, segment_positions
 from plait.trainer.model.hf_attention import PLAIT_VARLEN, varlen_kwargs
+from plait.trainer.model.hub import from_checkpoint
 from plait.trainer.model.llm import _seeded_init_partitioned
 
 ENCODER_KEYS = {r"^(model\.)?encoder\.": ""}
@@ -125,7 +126,8 @@ class AudioTower(nn.Module):
                  load_weights: bool = True) -> None:
         super().__init__()
         self.sizing = sizing
-        self.encoder = load_whisper_encoder(name_or_path, load_weights)
+        self.encoder = from_checkpoint("model.encoder.audio.pretrained", name_or_path,
+                                       lambda: load_whisper_encoder(name_or_path, load_weights))
         check_geometry(self.encoder.config, sizing, name_or_path)
         self.encoder.set_attn_implementation(PLAIT_VARLEN)
         self.encoder.config.plait_attention_backend = backend

@@ -30,6 +30,7 @@ from plait.ops.attention import Backend
 from plait.ops.segments import segment_positions
 from plait.trainer.model.config import LLMConfig, MoMEConfig
 from plait.trainer.model.hf_attention import VARLEN_KWARGS, varlen_kwargs
+from plait.trainer.model.hub import from_checkpoint
 from plait.trainer.model.mome import DENSE_FFN_FORMS, MoMELayer, RoutingContext, dense_ffn_layout, full_parameters
 
 logger = logging.getLogger(__name__)
@@ -134,9 +135,10 @@ def build_causal_lm(cfg: LLMConfig, backend: Backend = "auto", load_weights: boo
     build gives.
     """
     if cfg.name_or_path and load_weights:
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path)
+        model = from_checkpoint("model.llm.name_or_path", cfg.name_or_path,
+                                lambda: AutoModelForCausalLM.from_pretrained(cfg.name_or_path))
     else:
-        config = llm_config(cfg)
+        config = from_checkpoint("model.llm.name_or_path", cfg.name_or_path, lambda: llm_config(cfg))
         with _seeded_init_partitioned():
             model = causal_lm_from_config(config)
     configure_causal_lm(model, cfg, backend)

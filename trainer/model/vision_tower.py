@@ -25,6 +25,7 @@ from plait.data.batch import PackedStream
 from plait.data.sizing import SizingConfig
 from plait.ops.attention import Backend
 from plait.trainer.model.hf_attention import PLAIT_VARLEN, varlen_kwargs
+from plait.trainer.model.hub import from_checkpoint
 from plait.trainer.model.llm import _seeded_init_partitioned
 
 logger = logging.getLogger(__name__)
@@ -231,8 +232,11 @@ class VisionTower(nn.Module):
     def __init__(self, name_or_path: str, sizing: SizingConfig, out_dim: int, max_frames: int,
                  backend: Backend = "auto", load_weights: bool = True) -> None:
         super().__init__()
-        check_vision_tower(name_or_path, sizing)
-        family, model = load_vision_model(name_or_path, load_weights)
+        def load() -> tuple[str, PreTrainedModel]:
+            check_vision_tower(name_or_path, sizing)
+            return load_vision_model(name_or_path, load_weights)
+
+        family, model = from_checkpoint(FIELD, name_or_path, load)
         model.set_attn_implementation(PLAIT_VARLEN)
         model.config.plait_attention_backend = backend
         self.config = model.config
