@@ -11,6 +11,7 @@ from plait.data.loader import LoaderConfig
 from plait.data.manifest import INDEX_NAME
 from plait.data.packing import PackingConfig
 from plait.data.plan import PlanConfig
+from plait.data.reader import missing_shards
 from plait.data.remote import check_protocols
 from plait.data.shardlist import expand_urls, is_remote
 from plait.data.sizing import SizingConfig
@@ -36,13 +37,13 @@ def check_shard_spec(name: str, shards: str, index: str) -> None:
     """Raise ValueError naming the field when a shard spec matches nothing, names a missing local shard or a store
     no installed fsspec package opens, or is remote without an index folder."""
     urls = expand_urls(shards)
-    missing = [u for u in urls if not is_remote(u) and not os.path.exists(u)]
+    missing = missing_shards(urls)
     if missing or not urls:
         raise ValueError(f"{name}: no such shard {missing[0] if missing else shards!r}")
     try:
         check_protocols(urls)
     except ValueError as err:
-        raise ValueError(f"{name}: {str(err).removeprefix('shards: ')}") from None
+        raise ValueError(f"{name}: {err}") from None
     if not index and any(is_remote(u) for u in urls):
         raise ValueError(f"{name}: remote shards {shards!r} need an index folder (what "
                          "`plait shards index SPEC --out DIR` wrote)")

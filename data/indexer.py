@@ -9,6 +9,7 @@ from pathlib import Path
 
 from plait.data.manifest import (INDEX_NAME, SAMPLE_SCHEMA, SHARD_SCHEMA, index_shard, manifest_name,
                                  shard_summary, write_table)
+from plait.data.reader import missing_shards
 from plait.data.shardlist import expand_urls, is_remote
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def _index_one(job: tuple[str, str, str]) -> dict:
 def index_dataset(spec: str, out: str | Path | None = None, workers: int = 0) -> dict:
     """Index every shard of `spec`; returns {"samples", "shards", "bad", "bad_shards", "index"}."""
     urls = expand_urls(spec)
-    missing = [u for u in urls if not is_remote(u) and not os.path.isfile(u)]
+    missing = missing_shards(urls)
     if not urls or missing:
         raise FileNotFoundError(f"no shards match {spec!r}" if not urls else f"no such shard {missing[0]!r}")
     out_dir = Path(out) if out else _default_out(urls)

@@ -4,9 +4,9 @@ The dataset is map-style over step indices: item i is the MicroBatchPlan of step
 read (`plait.data.reader`), decoded at the grid the plan chose, and packed. The loader's sampler asks
 for each plan in the main process (one plan per rank, whatever the worker count) and hands it to a
 worker with its index; workers only execute plans and every random choice is keyed by the sample,
-so the batches are identical for any number of workers. A bad sample is dropped from its batch and counted by reason; the main process
-tracks runs of consecutive failures across steps (in step order) and stops the run with the shard
-and key of the last one when a run gets too long.
+so the batches are identical for any number of workers. A bad sample is dropped from its batch and counted by
+reason; the main process tracks runs of consecutive failures across steps (in step order) and stops the run
+with the shard and key of the last one when a run gets too long.
 """
 
 from __future__ import annotations

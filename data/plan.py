@@ -31,7 +31,7 @@ from plait.data.checks import check_positive, check_table
 from plait.data.dataset_index import EpochLayout, ShardSource, concat_rows, read_positions, take_rows
 from plait.data.packing import PackingConfig, pack_lengths, padded_length, segment_costs
 from plait.data.plan_state import PlanState, mix_weights, stream_weights, weighted_take, window_take
-from plait.data.plan_types import MicroBatchPlan, SampleRef
+from plait.data.plan_types import MicroBatchPlan, SampleRef, native_clip
 from plait.data.rng import keyed_rng, keyed_seeds, keyed_uniforms
 from plait.data.sizing import NUM_DRAWS, SampleGrids, SizingConfig, size_samples
 from plait.data.split import is_heldout
@@ -208,14 +208,6 @@ def plan_rank(source: ShardSource, layout: EpochLayout, positions: list[np.ndarr
     cost[: len(audio)] += audio_cost
     return RankPlan(rows=rows, grids=grids, batches=batches, cost=cost,
                     too_long=np.concatenate([vision_long, audio_long]))
-
-
-def _native(rows: dict[str, np.ndarray], i: int) -> tuple[int, float] | None:
-    """A video row's indexed (frame count, fps); None for other media or when the index lacks them."""
-    frames, fps = float(rows["frames"][i]), float(rows["fps"][i])
-    if MODALITIES[int(rows["modality"][i])] != "video" or not (frames >= 1 and fps > 0):
-        return None
-    return int(frames), fps
 
 
 def add_seeds(plan: RankPlan, seed: int, epoch: int) -> None:
@@ -510,17 +502,22 @@ class SamplePlan:
         state.step += 1
         return out
 
+    def _sample_ref(self, plan: RankPlan, i: int) -> SampleRef:
+        """The loader's view of sample `i` of a rank's plan: where its bytes are and every choice made for it."""
+        rows = plan.rows
+        modality = MODALITIES[int(rows["modality"][i])]
+        return SampleRef(shard=self.source.shard_url(int(rows["shard"][i])), key=str(rows["key"][i]),
+                         modality=modality, group=str(rows["group"][i]), sample_offset=int(rows["sample_offset"][i]),
+                         sample_size=int(rows["sample_size"][i]), grid=plan.grids[i],
+                         drop_seed=int(plan.seeds["drop"][i]), augment_seed=int(plan.seeds["augment"][i]),
+                         source=self._source_name(int(rows["stream"][i])),
+                         native=native_clip(modality, rows["frames"][i], rows["fps"][i]))
+
     def _rank_step(self, segment: _Segment, rank: int, slot: int, first: bool) -> RankStep:
         """The micro-batch in `slot` of the rank's cost-ordered list (empty past its end)."""
         plan = segment.ranks[rank]
         batch = plan.batches[slot] if slot < len(plan.batches) else np.zeros(0, dtype=np.int64)
-        rows, grids = plan.rows, plan.grids
-        samples = [SampleRef(shard=self.source.shard_url(int(rows["shard"][i])), key=str(rows["key"][i]),
-                             source=self._source_name(int(rows["stream"][i])), native=_native(rows, int(i)),
-                             modality=MODALITIES[int(rows["modality"][i])], group=str(rows["group"][i]),
-                             sample_offset=int(rows["sample_offset"][i]), sample_size=int(rows["sample_size"][i]),
-                             grid=grids[int(i)], drop_seed=int(plan.seeds["drop"][i]),
-                             augment_seed=int(plan.seeds["augment"][i])) for i in batch]
+        samples = [self._sample_ref(plan, int(i)) for i in batch]
         tokens, padding = batch_padding(plan, batch, self.packing)
         cost = float(plan.cost[slot]) if slot < len(plan.batches) else 0.0
         state = self.state

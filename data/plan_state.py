@@ -125,10 +125,11 @@ def weighted_take(left: int, weights: np.ndarray, sizes: np.ndarray, size: int) 
     """Samples of each stream the next window takes when sources are sampled with replacement: `size` (at most
     the `left` samples of the epoch) split by weight alone, a stream's positions wrapping around its size."""
     budget = min(int(size), int(left))
-    w = np.where(np.asarray(sizes) > 0, np.asarray(weights, dtype=np.float64), 0.0)
-    if budget <= 0 or w.sum() <= 0:
+    sizes = np.asarray(sizes, dtype=np.float64)
+    w = np.where(sizes > 0, np.asarray(weights, dtype=np.float64), 0.0)
+    if budget <= 0:
         return np.zeros(len(w), dtype=np.int64)
-    return _largest_remainder(budget, w)
+    return _largest_remainder(budget, w if w.sum() > 0 else sizes)  # no weighted stream left: natural proportions
 
 
 def window_take(remaining: np.ndarray, weights: np.ndarray | None, size: int) -> np.ndarray:

@@ -35,6 +35,14 @@ class SampleRef:
     """A video's (frame count, fps) as the index recorded them, so the loader need not probe the clip again."""
 
 
+def native_clip(modality: str, frames: float, fps: float) -> tuple[int, float] | None:
+    """A video's indexed (frame count, fps) for `SampleRef.native`; None for other media or when the index lacks
+    them (the loader then probes the clip)."""
+    if modality != "video" or not (frames >= 1 and fps > 0):
+        return None
+    return int(frames), float(fps)
+
+
 @dataclass
 class MicroBatchPlan:
     """What one rank feeds the model at one step of one epoch; `samples` may be empty."""

@@ -46,7 +46,8 @@ def log_mel_config(sizing: SizingConfig) -> LogMelConfig:
 
 class SampleDecoder:
     """One sample's media → (patches, coords) on a given grid (uint8 pixels for images and video, float log-mel
-    for audio; packing turns pixels into float32 in [0, 1]); raises DecodeError for unusable media."""
+    for audio; the encoder turns pixels into float32 in [0, 1] on the device); raises DecodeError for unusable
+    media."""
 
     def __init__(self, sizing: SizingConfig, spec: SpecAugmentConfig | None = None) -> None:
         self.sizing = sizing

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from plait.data.plan_types import SampleRef
-from plait.data.remote import NoRangeReads, ShardCache, check_protocols, is_pipe, is_url, read_ranges
+from plait.data.remote import NoRangeReads, ShardCache, check_protocols, is_url, read_ranges
 from plait.data.shardlist import is_remote
 from plait.data.tar_scan import ScannedSample, iter_samples
 
@@ -49,7 +49,10 @@ def check_shards(shards: Iterable[str]) -> None:
     """Raise FileNotFoundError naming the missing local shards (ValueError for a URL no installed store opens),
     so a run fails at start and not mid-epoch."""
     shards = list(shards)
-    check_protocols(shards)
+    try:
+        check_protocols(shards)
+    except ValueError as err:
+        raise ValueError(f"shards: {err}") from None
     missing = missing_shards(shards)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -97,7 +100,7 @@ def read_shard(shard: str, ranges: Sequence[tuple[int, int]], gap: int = COALESC
 
     URLs are read by range requests; a `pipe:` or a URL without range support is read from its local copy.
     """
-    if not (is_pipe(shard) or is_url(shard)):
+    if not is_remote(shard):
         return read_local(shard, ranges, gap)
     cache = cache or ShardCache()
     copy = cache.cached(shard)

@@ -54,7 +54,7 @@ def check_protocols(urls: Iterable[str]) -> None:
             try:
                 fsspec.get_filesystem_class(protocol)
             except (ImportError, ValueError) as err:
-                raise ValueError(f"shards: cannot open {url}: {err}") from None
+                raise ValueError(f"cannot open {url}: {err}") from None
 
 
 class PipeStream(io.RawIOBase):

@@ -7,10 +7,12 @@ import os
 
 from webdataset.shardlists import expand_urls as _wds_expand
 
+from plait.data.remote import is_pipe, is_url
+
 
 def is_remote(url: str) -> bool:
-    """True for `pipe:` commands and URLs with a scheme, which are opened by webdataset's gopen."""
-    return url.startswith("pipe:") or "://" in url
+    """True for `pipe:` commands and URLs with a scheme (read through `plait.data.remote`), not local paths."""
+    return is_pipe(url) or is_url(url)
 
 
 def expand_urls(spec: str) -> list[str]:

@@ -18,16 +18,6 @@ from plait.data.dataset_index import DatasetIndex
 NUM_MODALITIES = len(MODALITIES)
 
 
-def stream_modality(stream: int | np.ndarray) -> int | np.ndarray:
-    """The modality code of a stream."""
-    return stream % NUM_MODALITIES
-
-
-def stream_source(stream: int | np.ndarray) -> int | np.ndarray:
-    """The source number of a stream."""
-    return stream // NUM_MODALITIES
-
-
 class Sources:
     """Several `DatasetIndex`es, each with a name, a relative weight and optionally one modality."""
 
@@ -65,14 +55,10 @@ class Sources:
         source, local = self._local(shard)
         return self.indexes[source].shard_url(local)
 
-    def shard_source(self, shard: int) -> str:
-        """Name of the source a global shard belongs to."""
-        return self.source_names[self._local(shard)[0]]
-
     def rows(self, shard: int, stream: int, index: np.ndarray) -> dict[str, np.ndarray]:
         """Rows of one stream's samples in one global shard."""
         source, local = self._local(shard)
-        return self.indexes[source].rows(local, int(stream_modality(stream)), index)
+        return self.indexes[source].rows(local, stream % NUM_MODALITIES, index)
 
     def identity(self) -> str:
         """Hash of the sources' names, modality restrictions and datasets (weights are plan inputs of their own)."""

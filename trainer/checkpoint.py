@@ -215,7 +215,8 @@ class Checkpointer:
         saved_world = read_meta(self.folder, tag)["world_size"]
         check_files(self.folder / tag)
         load_tag = tag if saved_world == _world() else to_universal(self.folder, tag)
-        check_files(self.folder / load_tag)
+        if load_tag != tag:
+            check_files(self.folder / load_tag)
         with weights_only():
             path, client = engine.load_checkpoint(str(self.folder), tag=load_tag, load_module_strict=True,
                                                   load_optimizer_states=True, load_lr_scheduler_states=False)

@@ -10,8 +10,8 @@ YAML shape (the `curriculum:` section of a run config, or a file under configs/c
 A phase lists only what changes; other values carry over from the previous phase, and a value no
 phase has set yet is the run config's (`base_values`: `loss.weights`, `loss.hard_negatives.hard_fraction`,
 `data.sizing.resolution`, `data.token_drop.rate`, `data.plan.mix`, `data.sources[].weight`). Weight dicts
-(`loss_weights`, `lr_multipliers`, `source_weights`) update only the keys a phase names; probability tables (`resolution`, `mix`) and
-lists replace the whole value. With `transition: linear` or `sigmoid`, numbers and dicts of numbers
+(`loss_weights`, `lr_multipliers`, `source_weights`) update only the keys a phase names; probability tables
+(`resolution`, `mix`) and lists replace the whole value. With `transition: linear` or `sigmoid`, numbers and dicts of numbers
 move from the previous phase's values to this phase's over `ramp` steps starting at `start`; lists
 switch at `start`. Values are a pure function of (config, step), so a resumed run sees exactly what
 the uninterrupted one saw; checkpoints store the fingerprint of phases and base values to prove it.

@@ -44,7 +44,8 @@ class UnsafeCheckpoint(ValueError):
 
 
 def check_files(folder: Path) -> None:
-    """Raise UnsafeCheckpoint naming the first `.pt` file under `folder` that refers to anything outside SAFE_GLOBALS."""
+    """Raise UnsafeCheckpoint naming the first `.pt` file under `folder` that refers to anything outside
+    SAFE_GLOBALS."""
     for path in sorted(folder.rglob("*.pt")):
         try:
             named = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))

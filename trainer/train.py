@@ -66,8 +66,8 @@ class DataFailureStop(TooManyFailures):
 def rank_failures(failure: str | None) -> list[str]:
     """Every rank's data failure message, in rank order (none when no rank failed): one host all-reduce, and a
     gather of the messages only when some rank failed."""
-    if not any_rank(failure is not None):
-        return []
+    if not dist.is_initialized() or not any_rank(failure is not None):
+        return [] if failure is None else [failure]
     messages: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(messages, failure, group=host_group())
     return [message for message in messages if message is not None]

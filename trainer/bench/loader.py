@@ -34,7 +34,7 @@ from plait.data.indexer import index_dataset
 from plait.data.loader import LoaderConfig, PlanDataset, PlanLoader
 from plait.data.manifest import read_index, read_manifest
 from plait.data.packing import PackingConfig
-from plait.data.plan_types import MicroBatchPlan, SampleRef
+from plait.data.plan_types import MicroBatchPlan, SampleRef, native_clip
 from plait.data.preprocess import SampleDecoder
 from plait.data.reader import read_local
 from plait.data.rng import keyed_rng, keyed_seeds, keyed_uniforms
@@ -89,7 +89,7 @@ def manifest_plans(rows: list[dict], sizing: SizingConfig, samples_per_step: int
     refs = [SampleRef(shard=row["shard"], key=row["key"], modality=row["modality"], group=row["group"],
                       sample_offset=row["sample_offset"], sample_size=row["sample_size"], grid=grids[i],
                       drop_seed=int(drop[i]), augment_seed=int(augment[i]),
-                      native=(int(row["frames"]), float(row["fps"])) if row["modality"] == "video" else None)
+                      native=native_clip(row["modality"], columns["frames"][i], columns["fps"][i]))
             for i, row in enumerate(rows)]
     return [MicroBatchPlan(epoch=0, step=step, rank=0, samples=refs[start:start + samples_per_step],
                            tokens=int(sum(r.grid.num_kept for r in refs[start:start + samples_per_step])))

@@ -22,6 +22,10 @@ from plait.data.patchify import grid_coords
 from plait.data.rng import keyed_rng, keyed_seeds, keyed_uniforms
 from plait.data.sizing import NUM_DRAWS, SampleGrids, SizingConfig, size_samples
 from plait.data.token_drop import TokenDropConfig
+from plait.trainer.bench.plan import SyntheticIndex
+from plait.trainer.config import RunConfig
+from plait.trainer.config_loader import build
+from plait.trainer.planned_batches import run_plan
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,11 +123,6 @@ def rank_balance(args: argparse.Namespace) -> dict[str, float]:
     """How evenly the training plan spreads attention cost (sum of squared segment lengths) over `--ranks` ranks:
     the slowest rank's cost per step over the mean (1.0 = no rank waits at the gradient all-reduce), summed over
     `--balance-steps` steps of `run_plan` on a synthetic index with this bench's resolution mix."""
-    from plait.trainer.bench.plan import SyntheticIndex
-    from plait.trainer.config import RunConfig
-    from plait.trainer.config_loader import build
-    from plait.trainer.planned_batches import run_plan
-
     resolution = {int(side): p for side, p in _parse_probs(args.resolution).items()}
     cfg = build(RunConfig, {"seed": args.seed, "data": {
         "packing": {"max_tokens": args.max_tokens, "max_samples_per_sequence": args.max_samples_per_sequence},
